@@ -1,0 +1,1 @@
+"""Grid and ground-truth geometry generators, readers, and small shipped meshes."""
