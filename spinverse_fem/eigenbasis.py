@@ -1,0 +1,210 @@
+r"""Reduced Laplace eigenbasis (matrix formalism) with a Sylvester-inertia completeness check.
+
+Smallest eigenpairs of the symmetric pencil
+
+    L(kappa) phi_k = lambda_k M phi_k,     Phi^T M Phi = I,   0 <= lambda_1 <= ... <= lambda_K,
+
+by SLEPc Krylov-Schur with shift-and-invert (MUMPS). Krylov-Schur can silently drop members of
+a large degenerate cluster (e.g. one zero eigenvalue per sealed compartment), so every solve is
+followed by an inertia count: the number of negative pivots of an LDL^T factorisation of
+L - tau M equals the number of eigenvalues below tau (Sylvester's law of inertia). A deficit
+is repaired by deflating the vectors already found and solving again; a deficit that survives
+is an error, never silent.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import dolfinx_solver  # noqa: F401
+import numpy as np
+from mpi4py import MPI
+from petsc4py import PETSc
+from slepc4py import SLEPc
+
+from spinverse_fem.errors import SolverError
+
+EPS_PREFIX = "spinverse_eps_"
+INERTIA_PREFIX = "spinverse_inertia_"
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """lam: (K,) eigenvalues in 1/ms ascending; phi: (n_owned, K) this rank's rows of Phi
+    (M-orthonormal, um^{-3/2}); cutoff_count: eigenvalues below the length-scale cutoff;
+    capped: True when max_modes cut the spectrum below the cutoff."""
+
+    lam: np.ndarray
+    phi: np.ndarray
+    cutoff_count: int
+    capped: bool
+
+    @property
+    def num_modes(self) -> int:
+        return int(self.lam.shape[0])
+
+
+def cutoff_eigenvalue(diffusivity_um2_per_ms: float, length_scale_um: float) -> float:
+    """lambda_max = D pi^2 / l^2 (1/ms): modes varying on scales shorter than l are dropped."""
+    return float(diffusivity_um2_per_ms) * np.pi**2 / float(length_scale_um) ** 2
+
+
+def inertia_count(L: PETSc.Mat, M: PETSc.Mat, tau: float) -> int:
+    """Number of eigenvalues of (L, M) strictly below tau (collective)."""
+    A = L.copy()
+    A.axpy(-tau, M, PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+    A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+    ksp = PETSc.KSP().create(L.getComm())
+    ksp.setOptionsPrefix(INERTIA_PREFIX)
+    ksp.setOperators(A)
+    ksp.setType("preonly")
+    pc = ksp.getPC()
+    pc.setType("cholesky")
+    pc.setFactorSolverType("mumps")
+    pc.setFactorSetUpSolverType()
+    F = pc.getFactorMatrix()
+    F.setMumpsIcntl(13, 1)  # keep the root on one process: inertia needs the whole factor
+    F.setMumpsIcntl(24, 1)  # detect null pivots instead of failing
+    ksp.setFromOptions()
+    pc.setUp()
+    nneg, _, _ = F.getInertia()
+    ksp.destroy()
+    A.destroy()
+    return int(nneg)
+
+
+def _solve_eps(L, M, nev, sigma, tol, deflation=None):
+    comm = L.getComm()
+    eps = SLEPc.EPS().create(comm)
+    eps.setOptionsPrefix(EPS_PREFIX)
+    eps.setOperators(L, M)
+    eps.setProblemType(SLEPc.EPS.ProblemType.GHEP)
+    ncv = min(max(2 * nev, nev + 32), L.getSize()[0])
+    eps.setDimensions(nev=nev, ncv=ncv)
+    eps.setTarget(sigma)
+    eps.setWhichEigenpairs(SLEPc.EPS.Which.TARGET_REAL)
+    st = eps.getST()
+    st.setType(SLEPc.ST.Type.SINVERT)
+    ksp = st.getKSP()
+    ksp.setType("preonly")
+    pc = ksp.getPC()
+    pc.setType("cholesky")
+    pc.setFactorSolverType("mumps")
+    eps.setTolerances(tol, 500)
+    eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
+    if deflation:
+        eps.setDeflationSpace(deflation)
+    eps.setFromOptions()
+    eps.solve()
+    nconv = eps.getConverged()
+    vr = L.createVecRight()
+    lams, vecs = [], []
+    for i in range(nconv):
+        lam = eps.getEigenpair(i, vr)
+        lams.append(float(np.real(lam)))
+        vecs.append(vr.getArray().copy())
+    eps.destroy()
+    return np.array(lams), vecs
+
+
+def _gap_index(lam: np.ndarray, k: int, rel_tol: float = 1e-8) -> int:
+    """Largest j <= k such that the j-th and (j+1)-th eigenvalues are separated (no cluster cut)."""
+    scale = max(float(np.max(np.abs(lam))), 1.0)
+    j = k
+    while 0 < j < lam.size and lam[j] - lam[j - 1] <= rel_tol * scale:
+        j -= 1
+    return j
+
+
+def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None,
+                     num_modes: int | None = None, max_modes: int = 500,
+                     tol: float = 1e-10, max_repairs: int = 3) -> Eigenbasis:
+    """All eigenpairs below lam_max (capped at max_modes), or exactly num_modes of them.
+
+    The count is moved down to a spectral gap when a cap or a fixed count would cut a degenerate
+    cluster (the signal depends only on whole eigenspaces).
+    """
+    comm = L.getComm().tompi4py()
+    n_global = L.getSize()[0]
+    scale = lam_max if lam_max else 1.0
+    sigma = -1e-3 * scale  # strictly below the (non-negative) spectrum: L - sigma M is SPD
+    if num_modes is not None:
+        k_want, cutoff_count, capped = min(int(num_modes), n_global), -1, False
+    else:
+        if lam_max is None:
+            raise ValueError("give lam_max or num_modes")
+        cutoff_count = inertia_count(L, M, lam_max)
+        k_want = min(cutoff_count, max_modes)
+        capped = cutoff_count > max_modes
+    k_want = max(k_want, 1)
+    margin = min(8, n_global - k_want)
+    lam, vecs = _solve_eps(L, M, k_want + margin, sigma, tol)
+    order = np.argsort(lam)
+    lam, vecs = lam[order], [vecs[i] for i in order]
+    for _ in range(max_repairs + 1):
+        if lam.size < k_want:
+            raise SolverError(f"SLEPc converged only {lam.size} of {k_want} eigenpairs")
+        upper = lam[k_want] if lam.size > k_want else lam[-1] * (1 + 1e-6) + 1e-12
+        tau = 0.5 * (lam[k_want - 1] + upper)
+        if upper - lam[k_want - 1] <= 1e-8 * max(abs(upper), 1.0):
+            tau = lam[k_want - 1] + 1e-7 * max(abs(lam[k_want - 1]), 1.0)
+        found = int(np.sum(lam < tau))
+        true = inertia_count(L, M, tau)
+        if true == found:
+            break
+        if true < found:
+            raise SolverError(f"inertia count {true} below tau={tau:.6g} is smaller than the "
+                              f"{found} eigenvalues returned: inaccurate eigenpairs")
+        # Krylov-Schur missed members of a cluster: deflate what we have and look again
+        missing = true - found
+        defl = []
+        for v in vecs:
+            pv = L.createVecRight()
+            pv.setArray(v)
+            defl.append(pv)
+        lam2, vecs2 = _solve_eps(L, M, missing + margin, sigma, tol, deflation=defl)
+        lam = np.concatenate([lam, lam2])
+        vecs = vecs + vecs2
+        order = np.argsort(lam)
+        lam, vecs = lam[order], [vecs[i] for i in order]
+    else:
+        raise SolverError(f"eigenbasis incomplete after {max_repairs} repairs: inertia count "
+                          f"{true} eigenvalues below {tau:.6g}, found {found}")
+    k = _gap_index(lam, k_want)
+    if k == 0:
+        raise SolverError("the requested mode count cuts the lowest eigen-cluster")
+    if capped and comm.rank == 0:
+        warnings.warn(f"{cutoff_count} eigenvalues lie below the cutoff; keeping {k} "
+                      f"(max_modes = {max_modes})", stacklevel=2)
+    phi = np.column_stack(vecs[:k]) if vecs[0].size else np.zeros((0, k))
+    phi = _m_orthonormalise(phi, M, comm)
+    return Eigenbasis(lam=lam[:k].copy(), phi=phi, cutoff_count=cutoff_count, capped=capped)
+
+
+def _m_orthonormalise(phi: np.ndarray, M: PETSc.Mat, comm: MPI.Comm) -> np.ndarray:
+    """Re-orthonormalise in the M inner product (deflated solves and clusters lose a little)."""
+    G = gram(phi, M, phi, comm)
+    R = np.linalg.cholesky(0.5 * (G + G.T))
+    phi = np.linalg.solve(R, phi.T).T if phi.size else phi
+    return phi
+
+
+def apply(A: PETSc.Mat, X: np.ndarray) -> np.ndarray:
+    """A @ X for a distributed sparse A and local rows X (n_owned, K) of a tall dense matrix."""
+    comm = A.getComm()
+    n_loc, k = X.shape
+    n_glob = A.getSize()[1]
+    Xd = PETSc.Mat().createDense(((n_loc, n_glob), (PETSc.DECIDE, k)),
+                                 array=np.asfortranarray(X), comm=comm)
+    Y = A.matMult(Xd)
+    out = Y.getDenseArray().copy()
+    Xd.destroy()
+    Y.destroy()
+    return out
+
+
+def gram(X: np.ndarray, A: PETSc.Mat, Y: np.ndarray, comm: MPI.Comm) -> np.ndarray:
+    """X^T A Y (K1 x K2), replicated on every rank."""
+    local = X.T @ apply(A, Y)
+    return comm.allreduce(local, op=MPI.SUM)
