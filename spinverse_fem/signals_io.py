@@ -1,0 +1,153 @@
+"""Signal tables in HDF5: one row per measurement (sequence, then b, then direction).
+
+Datasets: signal_real, signal_imag (S/S0), b_s_per_mm2, delta_ms, Delta_ms (NaN for general
+waveforms), echo_time_ms, direction (n, 3), sequence_index (n,); attributes: sequence_names
+(JSON list), config (the TOML text), units. Written by rank 0 into a temporary file that
+replaces the target only when complete, so a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spinverse_fem.errors import InputError
+
+REQUIRED = ("signal_real", "signal_imag", "b_s_per_mm2", "direction", "sequence_index")
+
+
+@dataclass(frozen=True)
+class SignalTable:
+    signal: np.ndarray          # (n,) complex S/S0
+    b_s_per_mm2: np.ndarray     # (n,)
+    direction: np.ndarray       # (n, 3)
+    sequence_index: np.ndarray  # (n,) int
+    delta_ms: np.ndarray        # (n,)
+    Delta_ms: np.ndarray        # (n,)
+    echo_time_ms: np.ndarray    # (n,)
+    sequence_names: tuple[str, ...]
+    config_text: str = ""
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.signal.shape[0])
+
+    def rows_of(self, k: int) -> np.ndarray:
+        return np.flatnonzero(self.sequence_index == k)
+
+
+def table_from_sequences(sequences, signals, config_text: str = "") -> SignalTable:
+    """Stack per-sequence signals (list of (n_k,) complex) in config order."""
+    cols = {k: [] for k in ("b", "d", "i", "de", "De", "te")}
+    for k, (seq, s) in enumerate(zip(sequences, signals)):
+        n = seq.num_measurements
+        if np.asarray(s).shape != (n,):
+            raise ValueError(f"sequence {seq.name!r}: {np.asarray(s).shape} signals for {n} rows")
+        cols["b"].append(seq.b_s_per_mm2)
+        cols["d"].append(seq.directions)
+        cols["i"].append(np.full(n, k))
+        cols["de"].append(np.full(n, np.nan if seq.delta_ms is None else seq.delta_ms))
+        cols["De"].append(np.full(n, np.nan if seq.Delta_ms is None else seq.Delta_ms))
+        cols["te"].append(np.full(n, seq.echo_time_ms))
+    return SignalTable(signal=np.concatenate([np.asarray(s, dtype=complex) for s in signals]),
+                       b_s_per_mm2=np.concatenate(cols["b"]), direction=np.vstack(cols["d"]),
+                       sequence_index=np.concatenate(cols["i"]), delta_ms=np.concatenate(cols["de"]),
+                       Delta_ms=np.concatenate(cols["De"]), echo_time_ms=np.concatenate(cols["te"]),
+                       sequence_names=tuple(s.name for s in sequences), config_text=config_text)
+
+
+def atomic_h5(path: Path):
+    """Context manager yielding an h5py.File that becomes `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    class _Atomic:
+        def __enter__(self):
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            self.f = h5py.File(self.tmp, "w")
+            return self.f
+
+        def __exit__(self, exc_type, exc, tb):
+            self.f.close()
+            if exc_type is None:
+                os.replace(self.tmp, path)
+            else:
+                os.unlink(self.tmp)
+            return False
+
+    return _Atomic()
+
+
+def write_signal_table(path, table: SignalTable) -> None:
+    """Write on the calling rank (call from rank 0 only)."""
+    with atomic_h5(path) as f:
+        f["signal_real"] = table.signal.real
+        f["signal_imag"] = table.signal.imag
+        f["b_s_per_mm2"] = table.b_s_per_mm2
+        f["direction"] = table.direction
+        f["sequence_index"] = table.sequence_index
+        f["delta_ms"] = table.delta_ms
+        f["Delta_ms"] = table.Delta_ms
+        f["echo_time_ms"] = table.echo_time_ms
+        f.attrs["sequence_names"] = json.dumps(list(table.sequence_names))
+        f.attrs["config"] = table.config_text
+        f.attrs["normalisation"] = "S/S0, S0 = b = 0 signal of the same geometry"
+        f.attrs["units"] = "b: s/mm^2; delta, Delta, echo time: ms; direction: unit vector"
+
+
+def read_signal_table(path) -> SignalTable:
+    """Read and check a signal table; InputError naming the file and field on bad content."""
+    src = str(path)
+    if not Path(path).is_file():
+        raise InputError(src, None, "signal file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(src, None, f"not an HDF5 file ({e})") from None
+    with f:
+        for key in REQUIRED:
+            if key not in f:
+                raise InputError(src, key, "missing dataset")
+        data = {k: np.asarray(f[k]) for k in f.keys()}
+        names = json.loads(f.attrs.get("sequence_names", "[]"))
+        cfg = f.attrs.get("config", "")
+    n = data["signal_real"].shape[0]
+    for key in ("signal_imag", "b_s_per_mm2", "sequence_index"):
+        if data[key].shape != (n,):
+            raise InputError(src, key, f"has shape {data[key].shape}, expected ({n},)")
+    if data["direction"].shape != (n, 3):
+        raise InputError(src, "direction", f"has shape {data['direction'].shape}, expected ({n}, 3)")
+    sig = data["signal_real"] + 1j * data["signal_imag"]
+    if not np.all(np.isfinite(sig)):
+        raise InputError(src, "signal_real", "contains non-finite values")
+    nan = np.full(n, np.nan)
+    return SignalTable(signal=sig, b_s_per_mm2=data["b_s_per_mm2"], direction=data["direction"],
+                       sequence_index=data["sequence_index"].astype(int),
+                       delta_ms=data.get("delta_ms", nan), Delta_ms=data.get("Delta_ms", nan),
+                       echo_time_ms=data.get("echo_time_ms", nan),
+                       sequence_names=tuple(names), config_text=str(cfg))
+
+
+def check_table_matches(table: SignalTable, sequences, source: str) -> None:
+    """The table's rows must be the measurements of `sequences` in config order."""
+    expected = sum(s.num_measurements for s in sequences)
+    if table.num_rows != expected:
+        raise InputError(source, "signal_real", f"{table.num_rows} rows, but the config's "
+                         f"sequences have {expected} measurements")
+    row = 0
+    for k, seq in enumerate(sequences):
+        n = seq.num_measurements
+        sl = slice(row, row + n)
+        if not (np.allclose(table.b_s_per_mm2[sl], seq.b_s_per_mm2, rtol=1e-9, atol=1e-9)
+                and np.allclose(table.direction[sl], seq.directions, atol=1e-9)
+                and np.all(table.sequence_index[sl] == k)):
+            raise InputError(source, "b_s_per_mm2", f"rows {row}..{row + n - 1} do not match "
+                             f"sequence {k} ({seq.name!r}) of the config")
+        row += n
