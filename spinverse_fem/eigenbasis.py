@@ -15,7 +15,7 @@ is an error, never silent.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dolfinx_solver  # noqa: F401
 import numpy as np
@@ -33,12 +33,17 @@ INERTIA_PREFIX = "spinverse_inertia_"
 class Eigenbasis:
     """lam: (K,) eigenvalues in 1/ms ascending; phi: (n_owned, K) this rank's rows of Phi
     (M-orthonormal, um^{-3/2}); cutoff_count: eigenvalues below the length-scale cutoff;
-    capped: True when max_modes cut the spectrum below the cutoff."""
+    capped: True when max_modes cut the spectrum below the cutoff; extra_lam, extra_phi: the
+    converged eigenpairs just above the kept ones (the solve's margin; used by the adjoint);
+    sigma: the shift of the shift-and-invert transform (1/ms)."""
 
     lam: np.ndarray
     phi: np.ndarray
     cutoff_count: int
     capped: bool
+    extra_lam: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    extra_phi: np.ndarray | None = None
+    sigma: float = -1e-3
 
     @property
     def num_modes(self) -> int:
@@ -177,9 +182,12 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     if capped and comm.rank == 0:
         warnings.warn(f"{cutoff_count} eigenvalues lie below the cutoff; keeping {k} "
                       f"(max_modes = {max_modes})", stacklevel=2)
-    phi = np.column_stack(vecs[:k]) if vecs[0].size else np.zeros((0, k))
-    phi = _m_orthonormalise(phi, M, comm)
-    return Eigenbasis(lam=lam[:k].copy(), phi=phi, cutoff_count=cutoff_count, capped=capped)
+    n_all = lam.size
+    allphi = np.column_stack(vecs) if vecs[0].size else np.zeros((0, n_all))
+    allphi = _m_orthonormalise(allphi, M, comm)
+    return Eigenbasis(lam=lam[:k].copy(), phi=allphi[:, :k].copy(), cutoff_count=cutoff_count,
+                      capped=capped, extra_lam=lam[k:].copy(), extra_phi=allphi[:, k:].copy(),
+                      sigma=sigma)
 
 
 def _m_orthonormalise(phi: np.ndarray, M: PETSc.Mat, comm: MPI.Comm) -> np.ndarray:
