@@ -48,8 +48,9 @@ test: test-serial test-mpi
 test-serial: $(STAMP)
 	timeout $(SERIAL_TIMEOUT) $(PY) -m pytest $(PYTEST_FLAGS) tests
 
+# one BLAS thread per rank: 2 ranks x 2 threads on 2 cores thrash (measured 4x slower)
 test-mpi: $(STAMP)
-	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest $(PYTEST_FLAGS) tests
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest $(PYTEST_FLAGS) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
