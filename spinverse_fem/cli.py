@@ -36,6 +36,7 @@ def cmd_simulate(args) -> int:
     from spinverse_fem.forward import ForwardModel
     from spinverse_fem.plots import plot_signal_decay
     from spinverse_fem.problem import build_problem
+    from spinverse_fem.reduced_model import reference_b0_signal
     from spinverse_fem.signals_io import table_from_sequences, write_signal_table
 
     comm = _comm()
@@ -43,8 +44,10 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     problem = build_problem(cfg)
-    say(comm, f"grid: {problem.grid.num_tets} tetrahedra, {problem.faces.num_faces} faces "
-              f"({int(problem.membrane.sum())} membrane), outer = {problem.outer}, "
+    n_in = int(np.sum(problem.membrane & problem.faces.interior))
+    n_out = int(np.sum(problem.membrane & problem.faces.outer))
+    say(comm, f"grid: {problem.grid.num_tets} tetrahedra, {problem.faces.num_faces} faces; "
+              f"membrane: {n_in} interior + {n_out} outer faces; outer = {problem.outer}; "
               f"{comm.size} rank(s)")
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     basis, system = model.reduce(problem.kappa)
@@ -52,9 +55,12 @@ def cmd_simulate(args) -> int:
               f"{basis.lam[-1]:.4g}] 1/ms (cutoff {model.lam_max:.4g} 1/ms"
               + (f", {basis.cutoff_count} below it, capped" if basis.capped else "") + ")")
     signals = model.normalised_signals(system, cfg.sequences)
-    table = table_from_sequences(cfg.sequences, signals, cfg.text)
+    s0 = [reference_b0_signal(system, seq.echo_time_ms) for seq in cfg.sequences]
+    table = table_from_sequences(cfg.sequences, signals, cfg.text, s0=s0)
     if comm.rank == 0:
-        write_signal_table(out, table)
+        write_signal_table(out, table, extra={
+            "faces": problem.faces.faces, "vertices": problem.grid.points,
+            "kappa_um_per_ms": problem.kappa, "membrane": problem.membrane.astype(np.int8)})
         plot = out.with_name(out.stem + "_decay.png")
         plot_signal_decay(table, plot, title=f"{Path(args.config).name}: |S/S0| against b")
         for k, seq in enumerate(cfg.sequences):

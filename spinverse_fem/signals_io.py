@@ -33,6 +33,7 @@ class SignalTable:
     echo_time_ms: np.ndarray    # (n,)
     sequence_names: tuple[str, ...]
     config_text: str = ""
+    s0_um3: np.ndarray | None = None  # (n,) the b = 0 signal (um^3) each row was divided by
 
     @property
     def num_rows(self) -> int:
@@ -42,8 +43,9 @@ class SignalTable:
         return np.flatnonzero(self.sequence_index == k)
 
 
-def table_from_sequences(sequences, signals, config_text: str = "") -> SignalTable:
-    """Stack per-sequence signals (list of (n_k,) complex) in config order."""
+def table_from_sequences(sequences, signals, config_text: str = "", s0=None) -> SignalTable:
+    """Stack per-sequence signals (list of (n_k,) complex S/S0) in config order; s0: optional
+    per-sequence b = 0 signals (um^3)."""
     cols = {k: [] for k in ("b", "d", "i", "de", "De", "te")}
     for k, (seq, s) in enumerate(zip(sequences, signals)):
         n = seq.num_measurements
@@ -59,7 +61,9 @@ def table_from_sequences(sequences, signals, config_text: str = "") -> SignalTab
                        b_s_per_mm2=np.concatenate(cols["b"]), direction=np.vstack(cols["d"]),
                        sequence_index=np.concatenate(cols["i"]), delta_ms=np.concatenate(cols["de"]),
                        Delta_ms=np.concatenate(cols["De"]), echo_time_ms=np.concatenate(cols["te"]),
-                       sequence_names=tuple(s.name for s in sequences), config_text=config_text)
+                       sequence_names=tuple(s.name for s in sequences), config_text=config_text,
+                       s0_um3=None if s0 is None else np.concatenate(
+                           [np.full(q.num_measurements, float(v)) for q, v in zip(sequences, s0)]))
 
 
 def atomic_h5(path: Path):
@@ -85,9 +89,13 @@ def atomic_h5(path: Path):
     return _Atomic()
 
 
-def write_signal_table(path, table: SignalTable) -> None:
-    """Write on the calling rank (call from rank 0 only)."""
+def write_signal_table(path, table: SignalTable, extra: dict | None = None) -> None:
+    """Write on the calling rank (call from rank 0 only); `extra` datasets are added as given."""
     with atomic_h5(path) as f:
+        for key, value in (extra or {}).items():
+            f[key] = value
+        if table.s0_um3 is not None:
+            f["s0_um3"] = table.s0_um3
         f["signal_real"] = table.signal.real
         f["signal_imag"] = table.signal.imag
         f["b_s_per_mm2"] = table.b_s_per_mm2
@@ -132,7 +140,8 @@ def read_signal_table(path) -> SignalTable:
                        sequence_index=data["sequence_index"].astype(int),
                        delta_ms=data.get("delta_ms", nan), Delta_ms=data.get("Delta_ms", nan),
                        echo_time_ms=data.get("echo_time_ms", nan),
-                       sequence_names=tuple(names), config_text=str(cfg))
+                       sequence_names=tuple(names), config_text=str(cfg),
+                       s0_um3=data.get("s0_um3"))
 
 
 def check_table_matches(table: SignalTable, sequences, source: str) -> None:
