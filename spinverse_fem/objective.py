@@ -26,21 +26,10 @@ from mpi4py import MPI
 from spinverse_fem.complement_solver import ComplementSolver
 from spinverse_fem.eigenbasis import apply
 from spinverse_fem.forward import ForwardModel
-from spinverse_fem.matrix_formalism import SequencePropagator
+from spinverse_fem.matrix_formalism import SequencePropagator, exp_divided_differences
 from spinverse_fem.sensitivity import FaceSensitivity
 
 NORMALISATIONS = ("reference", "own")
-
-
-def exp_divided_differences(lam: np.ndarray, t: float) -> np.ndarray:
-    """D_jk = (e^{-t lam_j} - e^{-t lam_k}) / (lam_j - lam_k), -t e^{-t lam_j} on the diagonal
-    (the Frechet derivative of exp(-t Lambda) at diagonal Lambda), computed without cancellation."""
-    a = lam[:, None]
-    d = lam[None, :] - a
-    small = np.abs(t * d) < 1e-8
-    safe = np.where(small, 1.0, d)
-    ratio = np.where(small, -t * (1.0 - 0.5 * t * d), np.expm1(-t * d) / safe)
-    return np.exp(-t * a) * ratio
 
 
 @dataclass
