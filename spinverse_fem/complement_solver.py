@@ -119,7 +119,9 @@ class ComplementSolver:
             A_extra = self.xphi @ (C / (self.xlam[:, None] - shifts[None, :]))
         b = self._project_out_T(G)
         bnorm = np.sqrt(self._colsum(b * b))
-        active = bnorm > 0
+        gnorm = np.sqrt(self._colsum(G * G))
+        # a right-hand side that lies (to round-off) in the deflated span needs no CG
+        active = bnorm > 1e-13 * np.maximum(gnorm, np.finfo(float).tiny)
         X = np.zeros_like(G)
         if not np.any(active):
             return A_extra
