@@ -102,9 +102,46 @@ def _extra_commands():
     return out
 
 
+def _petsc_options(extra: list[str]):
+    """[(key, value)] from leftover '-key [value]' tokens; None if any token is not of that form."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("-") or tok.startswith("--") or _is_number(tok):
+            return None
+        nxt = extra[i + 1] if i + 1 < len(extra) else None
+        if nxt is not None and (not nxt.startswith("-") or _is_number(nxt)):
+            out.append((tok[1:], nxt))
+            i += 2
+        else:
+            out.append((tok[1:], ""))
+            i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    petsc_opts = _petsc_options(extra)
+    if petsc_opts is None:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    if petsc_opts:
+        # PETSc options (e.g. -spinverse_eps_ncv 600 -spinverse_tao_type bqnls) go straight
+        # to the options database: petsc4py does not read sys.argv itself
+        _comm()
+        from petsc4py import PETSc
+
+        opts = PETSc.Options()
+        for key, value in petsc_opts:
+            opts[key] = value
     try:
         return int(args.func(args) or 0)
     except (InputError, SolverError) as e:

@@ -71,21 +71,30 @@ class ComplementSolver:
         self._A.destroy()
 
     # -- distributed dense helpers ---------------------------------------------------------
+    def _sum(self, a: np.ndarray) -> np.ndarray:
+        """Sum over ranks (buffer Allreduce; nothing to do on one rank)."""
+        a = np.ascontiguousarray(a)
+        if self.comm.size == 1:
+            return a
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=MPI.SUM)
+        return out
+
     def _colsum(self, X):
-        return self.comm.allreduce(np.sum(X, axis=0), op=MPI.SUM)
+        return self._sum(np.sum(X, axis=0))
 
     def _project_out(self, X):
         """P X = X - Z (Z^T M X): remove basis and extra components (M-orthogonal projection)."""
         if not self.Z.shape[1]:
             return X
-        C = self.comm.allreduce(self.MZ.T @ X, op=MPI.SUM)
+        C = self._sum(self.MZ.T @ X)
         return X - self.Z @ C
 
     def _project_out_T(self, R):
         """P^T R = R - M Z (Z^T R)."""
         if not self.Z.shape[1]:
             return R
-        C = self.comm.allreduce(self.Z.T @ R, op=MPI.SUM)
+        C = self._sum(self.Z.T @ R)
         return R - self.MZ @ C
 
     def _precondition(self, R):
@@ -115,7 +124,7 @@ class ComplementSolver:
         # exact part along the known extra eigenvectors: (phi_j . g_k) / (lambda_j - lambda_k)
         A_extra = np.zeros_like(G)
         if self.xlam.size:
-            C = self.comm.allreduce(self.xphi.T @ G, op=MPI.SUM)
+            C = self._sum(self.xphi.T @ G)
             A_extra = self.xphi @ (C / (self.xlam[:, None] - shifts[None, :]))
         b = self._project_out_T(G)
         bnorm = np.sqrt(self._colsum(b * b))

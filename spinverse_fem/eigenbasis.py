@@ -179,7 +179,15 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     else:
         raise SolverError(f"eigenbasis incomplete after {max_repairs} repairs: inertia count "
                           f"{true} eigenvalues below {tau:.6g}, found {found}")
-    k = _gap_index(lam, k_want)
+    if num_modes is not None:
+        # a fixed count stays fixed (an optimisation stage relies on it); cutting through a
+        # degenerate cluster makes the objective non-smooth there, so say so
+        k = k_want
+        if _gap_index(lam, k) != k and comm.rank == 0:
+            warnings.warn(f"the fixed mode count {k} cuts a degenerate eigenvalue cluster "
+                          f"(lambda_K = {lam[k - 1]:.6g} 1/ms)", stacklevel=2)
+    else:
+        k = _gap_index(lam, k_want)
     if k == 0:
         raise SolverError("the requested mode count cuts the lowest eigen-cluster")
     if capped and comm.rank == 0:

@@ -63,12 +63,18 @@ class InverseProblem:
         self.weights = weights
         self.continuity_w = None
         self.last_terms: dict = {}
+        self._cache = None  # (x bytes, weights) -> (total, grad, terms)
 
     def refresh_continuity_weights(self, x: np.ndarray) -> None:
         """w_ij = clip(1 - |p_i - p_j|, 0, 1) at x, then held fixed (not differentiated)."""
         self.continuity_w = self.priors.continuity_weights(self.params.full_log10(x))
+        self._cache = None
 
     def cost_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        key = (np.asarray(x).tobytes(), self.weights.continuity, self.weights.manifold)
+        if self._cache is not None and self._cache[0] == key:
+            self.last_terms = dict(self._cache[3])
+            return self._cache[1], self._cache[2].copy()
         p = self.params
         kappa = p.kappa(x)
         jd, gk = self.misfit.objective_and_gradient(kappa)
@@ -83,4 +89,5 @@ class InverseProblem:
         self.last_terms = dict(misfit=jd, continuity=jc, manifold=jm, total=total,
                                continuity_weight=self.weights.continuity,
                                manifold_weight=self.weights.manifold)
+        self._cache = (key, float(total), grad.copy(), dict(self.last_terms))
         return float(total), grad

@@ -3,7 +3,7 @@
     M dm/dt = -(L(kappa) + i q f(t) (g . J)) m,
     L(kappa) = A + B(kappa) [+ R],   B(kappa) = sum_f kappa_f B_f   (linear in kappa).
 
-M: mass (um^3), A: broken stiffness with D (um^5/ms), B: face coupling (um^2 * um/ms),
+M: mass (um^3), A: broken stiffness with D (um^3/ms), B: face coupling (um^3/ms),
 J_i: first moments x_i (um^4), R: T2 relaxation. All assembled from the UFL forms in `forms/`.
 """
 
