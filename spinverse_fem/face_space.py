@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
 import basix.ufl
-import dolfinx
 import numpy as np
 import ufl
 from dolfinx import fem, mesh as dmesh

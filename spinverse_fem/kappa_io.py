@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.signals_io import atomic_h5
+from spinverse_fem.signals_io import atomic_h5, open_h5
 
 VERTEX_TOL_UM = 1e-6
 DATASETS = ("kappa_um_per_ms", "faces", "vertices")
@@ -62,13 +62,7 @@ def read_kappa(path, faces, vertices) -> np.ndarray:
     faces = np.asarray(faces, dtype=np.int64)
     vertices = np.asarray(vertices, dtype=np.float64)
     n_faces = faces.shape[0]
-    if not Path(path).is_file():
-        raise InputError(src, None, "kappa file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(src, None, f"not an HDF5 file ({e})") from None
-    with f:
+    with open_h5(path, "kappa file") as f:
         for key in DATASETS:
             if key not in f:
                 raise InputError(src, key, "missing dataset")

@@ -32,6 +32,23 @@ from spinverse_fem.sensitivity import FaceSensitivity
 NORMALISATIONS = ("reference", "own")
 
 
+def check_misfit_inputs(sequences, targets, normalisation, s0_reference):
+    """(sequences, complex targets) after checking shapes and the normalisation choice."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
+    if normalisation == "reference" and s0_reference is None:
+        raise ValueError("normalisation 'reference' needs s0_reference (um^3 per sequence)")
+    sequences = list(sequences)
+    targets = [np.asarray(t, dtype=complex) for t in targets]
+    if len(targets) != len(sequences):
+        raise ValueError(f"{len(targets)} targets for {len(sequences)} sequences")
+    for seq, t in zip(sequences, targets):
+        if t.shape != (seq.num_measurements,):
+            raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
+                             f"({seq.num_measurements},)")
+    return sequences, targets
+
+
 @dataclass
 class Counters:
     forward: int = 0
@@ -53,17 +70,9 @@ class SignalMisfit:
     def __init__(self, model: ForwardModel, sequences, targets, *, weight: float = 1.0,
                  normalisation: str = "own", s0_reference=None, num_modes: int | None = None,
                  adjoint_rtol: float = 1e-11):
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
-        if normalisation == "reference" and s0_reference is None:
-            raise ValueError("normalisation 'reference' needs s0_reference (um^3 per sequence)")
         self.model = model
-        self.sequences = list(sequences)
-        self.targets = [np.asarray(t, dtype=complex) for t in targets]
-        for seq, t in zip(self.sequences, self.targets):
-            if t.shape != (seq.num_measurements,):
-                raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
-                                 f"({seq.num_measurements},)")
+        self.sequences, self.targets = check_misfit_inputs(sequences, targets, normalisation,
+                                                           s0_reference)
         self.weight = float(weight)
         self.normalisation = normalisation
         self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]

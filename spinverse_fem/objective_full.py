@@ -35,7 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.full_order import FullOrderModel
-from spinverse_fem.objective import NORMALISATIONS, Counters
+from spinverse_fem.objective import Counters, check_misfit_inputs
 from spinverse_fem.protocol import Sequence
 
 
@@ -61,19 +61,9 @@ class FullOrderMisfit:
 
     def __init__(self, model: FullOrderModel, sequences, targets, *, weight: float = 1.0,
                  normalisation: str = "own", s0_reference=None):
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
-        if normalisation == "reference" and s0_reference is None:
-            raise ValueError("normalisation 'reference' needs s0_reference (um^3 per sequence)")
         self.model = model
-        self.sequences = list(sequences)
-        self.targets = [np.asarray(t, dtype=complex) for t in targets]
-        if len(self.targets) != len(self.sequences):
-            raise ValueError(f"{len(self.targets)} targets for {len(self.sequences)} sequences")
-        for seq, t in zip(self.sequences, self.targets):
-            if t.shape != (seq.num_measurements,):
-                raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
-                                 f"({seq.num_measurements},)")
+        self.sequences, self.targets = check_misfit_inputs(sequences, targets, normalisation,
+                                                           s0_reference)
         self.weight = float(weight)
         self.normalisation = normalisation
         self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]

@@ -110,16 +110,21 @@ def write_signal_table(path, table: SignalTable, extra: dict | None = None) -> N
         f.attrs["units"] = "b: s/mm^2; delta, Delta, echo time: ms; direction: unit vector"
 
 
+def open_h5(path, what: str) -> h5py.File:
+    """Open an HDF5 file for reading; InputError naming the file when missing or not HDF5."""
+    src = str(path)
+    if not Path(path).is_file():
+        raise InputError(src, None, f"{what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(src, None, f"not an HDF5 file ({e})") from None
+
+
 def read_signal_table(path) -> SignalTable:
     """Read and check a signal table; InputError naming the file and field on bad content."""
     src = str(path)
-    if not Path(path).is_file():
-        raise InputError(src, None, "signal file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(src, None, f"not an HDF5 file ({e})") from None
-    with f:
+    with open_h5(path, "signal file") as f:
         for key in REQUIRED:
             if key not in f:
                 raise InputError(src, key, "missing dataset")

@@ -8,14 +8,13 @@ tests also run under `mpiexec -n 2`.
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 from meshes.box import box_grid
 from spinverse_fem.config import parse_config
@@ -42,13 +41,7 @@ def config_text(normalisation="reference", **replace):
                    f'normalisation = "{normalisation}"\n')
 
 
-def run(args, timeout=300, mpi=0):
-    cmd = [str(BIN / "spinverse"), *map(str, args)]
-    if mpi:
-        cmd = [str(BIN / "mpiexec"), "-n", str(mpi), *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    return subprocess.run(["timeout", str(timeout), *cmd], capture_output=True, text=True,
-                          env=env)
+run = run_cli
 
 
 @pytest.fixture(scope="module")

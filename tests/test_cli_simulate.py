@@ -1,8 +1,6 @@
 """`spinverse simulate` as a user runs it: output layout, bad input (exit 2, one message naming
 file and field, no output file), and 1-vs-2-rank parity through mpiexec (with a timeout)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +8,7 @@ import h5py
 import meshio
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plane_box.toml"
@@ -17,13 +16,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.serial_only
 
 
-def run(args, timeout=300, mpi=0):
-    cmd = [str(BIN / "spinverse"), *map(str, args)]
-    if mpi:
-        cmd = [str(BIN / "mpiexec"), "-n", str(mpi), *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    return subprocess.run(["timeout", str(timeout), *cmd], capture_output=True, text=True,
-                          env=env)
+run = run_cli
 
 
 def small_config(tmp_path, **replace):
