@@ -44,7 +44,8 @@ def worker(n: int) -> dict:
     comm = MPI.COMM_WORLD
     text = (HERE.parent / "examples" / "paper_torus.toml").read_text()
     text = text.replace("cubes = 4", f"cubes = {n}").replace(
-        "cube_um = 6.6666667", f"cube_um = {80.0 / 3.0 / n!r}")
+        "cube_um = 6.6666667", f"cube_um = {80.0 / 3.0 / n!r}").replace(
+        "max_modes = 120", "max_modes = 500")  # the rule: l = 2 um, at most 500 modes
     cfg = parse_config(text, source="paper_torus.toml", base_dir=HERE.parent / "examples")
     seqs = [s for s in cfg.sequences if s.name in ("10/60", "10/20")]
     t = {}
