@@ -13,16 +13,17 @@ PYTEST_FLAGS ?= -q -p no:cacheprovider
 
 venv: $(STAMP)
 
-# Find a Python >= 3.12: $SPINVERSE_PYTHON, python3.1x on PATH, then any pyenv installation.
+# Find a Python >= 3.12 (3.12 preferred: the suite is validated on it): $SPINVERSE_PYTHON,
+# python3.12 / python3 / newer on PATH, then the oldest suitable pyenv installation.
 $(PY):
 	@py=""; \
 	is_ok() { "$$@" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }; \
-	for c in "$$SPINVERSE_PYTHON" python3.14 python3.13 python3.12 python3 python; do \
+	for c in "$$SPINVERSE_PYTHON" python3.12 python3 python3.13 python3.14 python; do \
 	  [ -n "$$c" ] && command -v "$$c" >/dev/null 2>&1 && is_ok "$$c" && { py="$$(command -v $$c)"; break; }; \
 	done; \
 	if [ -z "$$py" ] && command -v pyenv >/dev/null 2>&1; then \
 	  root="$$(pyenv root)"; \
-	  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])' | sort -rV); do \
+	  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])' | sort -V); do \
 	    c="$$root/versions/$$v/bin/python3"; [ -x "$$c" ] && is_ok "$$c" && { py="$$c"; break; }; \
 	  done; \
 	fi; \
