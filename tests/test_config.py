@@ -94,7 +94,7 @@ def test_paper_torus_example():
     assert (geo.major_radius_um, geo.minor_radius_um) == (10.0, 6.0)
     p = c.permeability
     assert (p.barrier_um_per_ms, p.open_um_per_ms, p.outer) == (0.01, 100.0, "robin")
-    assert (c.physics.diffusivity_um2_per_ms, c.eigen.length_scale_um, c.eigen.max_modes) == (2.0, 2.0, 500)
+    assert (c.physics.diffusivity_um2_per_ms, c.eigen.length_scale_um, c.eigen.max_modes) == (2.0, 2.0, 120)
     assert [s.name for s in c.sequences] == ["5/6", "10/20", "10/60"]
     for s, (d, D) in zip(c.sequences, [(5, 6), (10, 20), (10, 60)]):
         assert (s.delta_ms, s.Delta_ms) == (d, D)

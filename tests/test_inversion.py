@@ -144,7 +144,9 @@ def test_tao_resume_is_exact(comm):
         run_inversion(comm, cfg, checkpoint=stop_after_first)
     assert saved["state"].global_iteration == 3
     _, resumed = run_inversion(comm, cfg, state=saved["state"])
-    np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-12)
+    # serially bit-for-bit; across ranks parallel MUMPS is not bitwise reproducible between
+    # calls (~1e-16), which six optimiser iterations amplify to ~4e-11 (measured)
+    np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-12 if comm.size == 1 else 1e-8)
 
 
 @pytest.mark.serial_only
