@@ -129,34 +129,37 @@ class ComplementSolver:
         b = self._project_out_T(G)
         bnorm = np.sqrt(self._colsum(b * b))
         gnorm = np.sqrt(self._colsum(G * G))
-        # a right-hand side that lies (to round-off) in the deflated span needs no CG
-        active = bnorm > 1e-13 * np.maximum(gnorm, np.finfo(float).tiny)
         X = np.zeros_like(G)
-        if not np.any(active):
+        # a right-hand side that lies (to round-off) in the deflated span needs no CG
+        idx = np.flatnonzero(bnorm > 1e-13 * np.maximum(gnorm, np.finfo(float).tiny))
+        if idx.size == 0:
             return A_extra
-        R = b.copy()
-        Zr = self._precondition(R)
-        Pd = Zr.copy()
-        rz = self._colsum(R * Zr)
+        # CG on the unconverged columns only: each column follows its own iterates, so
+        # dropping converged ones changes nothing but the cost
+        R = b[:, idx].copy()
+        Pd = self._precondition(R)
+        rz = self._colsum(R * Pd)
         for it in range(1, self.max_it + 1):
-            Q = self._project_out_T(self._operator(Pd, shifts))
+            Q = self._project_out_T(self._operator(Pd, shifts[idx]))
             pq = self._colsum(Pd * Q)
-            alpha = np.where(active, rz / np.where(pq > 0, pq, 1.0), 0.0)
-            if np.any(active & (pq <= 0)):
+            if np.any(pq <= 0):
                 raise SolverError("eigenvector adjoint: the projected operator is not positive "
                                   "definite (an eigenvalue is missing from the basis?)")
-            X += Pd * alpha
+            alpha = rz / pq
+            X[:, idx] += Pd * alpha
             R -= Q * alpha
             rnorm = np.sqrt(self._colsum(R * R))
-            active = active & (rnorm > self.rtol * bnorm)
-            if not np.any(active):
+            keep = rnorm > self.rtol * bnorm[idx]
+            if not np.any(keep):
                 self.iterations += it
                 return X + A_extra
+            idx, R, Pd, rz = idx[keep], R[:, keep], Pd[:, keep], rz[keep]
             Zr = self._precondition(R)
             rz_new = self._colsum(R * Zr)
-            beta = np.where(active, rz_new / np.where(rz != 0, rz, 1.0), 0.0)
-            Pd = Zr + Pd * beta
+            Pd = Zr + Pd * (rz_new / np.where(rz != 0, rz, 1.0))
             rz = rz_new
+        rnorm = rnorm[keep]
+        bnorm = bnorm[idx]
         worst = float(np.max(rnorm / np.where(bnorm > 0, bnorm, 1.0)))
         raise SolverError(f"eigenvector adjoint CG did not converge in {self.max_it} iterations "
                           f"(worst relative residual {worst:.2e}); choose the mode count at a "
