@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from spinverse_fem.eigenbasis import apply
+from spinverse_fem.eigenbasis import apply, mumps_cholesky
 from spinverse_fem.errors import SolverError
 
 PREFIX = "spinverse_adj_"
@@ -55,16 +55,7 @@ class ComplementSolver:
         A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         A.setOption(PETSc.Mat.Option.SPD, True)
         self._A = A
-        ksp = PETSc.KSP().create(L.getComm())
-        ksp.setOptionsPrefix(PREFIX)
-        ksp.setOperators(A)
-        ksp.setType("preonly")
-        pc = ksp.getPC()
-        pc.setType("cholesky")
-        pc.setFactorSolverType("mumps")
-        ksp.setFromOptions()
-        ksp.setUp()
-        self._ksp = ksp
+        self._ksp = mumps_cholesky(A, PREFIX)
 
     def destroy(self):
         self._ksp.destroy()

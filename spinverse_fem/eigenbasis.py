@@ -55,25 +55,34 @@ def cutoff_eigenvalue(diffusivity_um2_per_ms: float, length_scale_um: float) -> 
     return float(diffusivity_um2_per_ms) * np.pi**2 / float(length_scale_um) ** 2
 
 
-def inertia_count(L: PETSc.Mat, M: PETSc.Mat, tau: float) -> int:
-    """Number of eigenvalues of (L, M) strictly below tau (collective)."""
-    A = L.copy()
-    A.axpy(-tau, M, PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
-    A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-    ksp = PETSc.KSP().create(L.getComm())
-    ksp.setOptionsPrefix(INERTIA_PREFIX)
+def mumps_cholesky(A: PETSc.Mat, prefix: str, icntl: dict | None = None) -> PETSc.KSP:
+    """A set-up direct solver: MUMPS LDL^T of the symmetric A, options under `prefix`."""
+    ksp = PETSc.KSP().create(A.getComm())
+    ksp.setOptionsPrefix(prefix)
     ksp.setOperators(A)
     ksp.setType("preonly")
     pc = ksp.getPC()
     pc.setType("cholesky")
     pc.setFactorSolverType("mumps")
-    pc.setFactorSetUpSolverType()
-    F = pc.getFactorMatrix()
-    F.setMumpsIcntl(13, 1)  # keep the root on one process: inertia needs the whole factor
-    F.setMumpsIcntl(24, 1)  # detect null pivots instead of failing
+    if icntl:
+        pc.setFactorSetUpSolverType()
+        F = pc.getFactorMatrix()
+        for key, value in icntl.items():
+            F.setMumpsIcntl(key, value)
     ksp.setFromOptions()
-    pc.setUp()
-    nneg, _, _ = F.getInertia()
+    ksp.setUp()
+    return ksp
+
+
+def inertia_count(L: PETSc.Mat, M: PETSc.Mat, tau: float) -> int:
+    """Number of eigenvalues of (L, M) strictly below tau (collective)."""
+    A = L.copy()
+    A.axpy(-tau, M, PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+    A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+    # ICNTL(13) = 1 keeps the root on one process (inertia needs the whole factor);
+    # ICNTL(24) = 1 detects null pivots instead of failing
+    ksp = mumps_cholesky(A, INERTIA_PREFIX, {13: 1, 24: 1})
+    nneg, _, _ = ksp.getPC().getFactorMatrix().getInertia()
     ksp.destroy()
     A.destroy()
     return int(nneg)
