@@ -12,27 +12,23 @@ torus: the order of the paper's files):
   x; all centred at the origin) as analytic [geometry] tables, whose membranes equal the
   paper's files; 16 bent axons meshes.paper.random_paper_axon(seed) for seeds
   GENERATED_AXON_SEEDS (radius 4.2-5.5 um, 4-9 segments, closed 2-manifold, 66-105 inside
-  tets; look-alikes: the paper's curves are unpublished). The axons' membranes use the
-  centroid rule, which a [geometry] kind "bent_axon" table cannot express (problem.py uses
-  the all-vertices rule), so they are written as paper-format .npz files (points, facets,
-  elements, boundary_faces) and used through geometry kind "paper".
+  tets; look-alikes: the paper's curves are unpublished) as [geometry] kind "bent_axon"
+  tables with their control points and inside_rule = "centroid" (the rule of the paper's
+  axon files).
 
     python experiments/dataset.py [--out experiments/results]
 
 writes OUT/dataset.md (per ground truth: inside tets, membrane faces, closed 2-manifold, and
 whether the regenerated analytic ones equal the paper's files), OUT/dataset.png (3-D views of
-a few ground truths) and OUT/generated_meshes/*.npz. Pure NumPy (no MPI needed; under
+a few ground truths). Pure NumPy (no MPI needed; under
 mpiexec rank 0 writes).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,53 +161,26 @@ def _analytic_geometry_toml(key: str) -> str:
             f"radius_um = {s.radius_um!r}\nheight_um = {s.height_um!r}\n")
 
 
-def write_paper_npz(path: Path, membrane: np.ndarray) -> None:
-    """A ground truth on the paper grid in the paper files' format (atomic)."""
-    g, table = grid_and_faces()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, points=g.points.T.astype(np.float64), facets=table.faces.T.copy(),
-             elements=g.tets.T.astype(np.int64).copy(),
-             boundary_faces=np.sort(table.faces[membrane], axis=1).T.copy())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def _axon_geometry_toml(axon) -> str:
+    """The [geometry] table of a bent axon with the centroid inside rule."""
+    pts = ",\n    ".join(toml_vector(p) for p in axon.control_points_um)
+    return (f'[geometry]\nkind = "bent_axon"\nradius_um = {axon.radius_um!r}\n'
+            f'inside_rule = "centroid"\ncontrol_points_um = [\n    {pts}]\n')
 
 
-def generated_ground_truths(mesh_dir: Path | None = None, comm=None) -> list[GroundTruth]:
-    """The regenerated set (see the module docstring), same order as the paper's files.
-
-    mesh_dir: where the axons' .npz files go (default RESULTS / "generated_meshes"); written
-    by rank 0 of `comm` (if given), then by any rank that does not see them (another file
-    system), always atomically with identical content.
-    """
+def generated_ground_truths() -> list[GroundTruth]:
+    """The regenerated set (see the module docstring), same order as the paper's files."""
     from meshes.paper import list_paper_meshes, paper_shape, random_paper_axon
     from meshes.shapes import inside_tets, membrane_faces
 
     g, table = grid_and_faces()
-    mesh_dir = Path(mesh_dir) if mesh_dir is not None else RESULTS / "generated_meshes"
-    rank = comm.rank if comm is not None else 0
     out = []
-    axons = []
     for seed in GENERATED_AXON_SEEDS:
         axon, inside, mem = random_paper_axon(seed)
-        path = (mesh_dir / f"gen_axon_s{seed:02d}.npz").resolve()
-        axons.append((seed, axon, inside, mem, path))
-        if rank == 0 and not _same_npz(path, mem):
-            write_paper_npz(path, mem)
-    if comm is not None:
-        comm.Barrier()
-    for seed, axon, inside, mem, path in axons:
-        if not _same_npz(path, mem):
-            write_paper_npz(path, mem)
-        geo = f'[geometry]\nkind = "paper"\npath = {toml_string(path)}\n'
-        out.append(GroundTruth(name=f"gen_axon_s{seed:02d}", family="axon", geometry_toml=geo,
-                               membrane=mem, inside=inside,
-                               info=dict(seed=seed, radius_um=axon.radius_um,
-                                         segments=axon.segments)))
+        out.append(GroundTruth(name=f"gen_axon_s{seed:02d}", family="axon",
+                               geometry_toml=_axon_geometry_toml(axon), membrane=mem,
+                               inside=inside, info=dict(seed=seed, radius_um=axon.radius_um,
+                                                        segments=axon.segments)))
     try:
         files = {_family_of(p): p for p in list_paper_meshes()}
     except Exception:  # noqa: BLE001 - the paper files are optional for the generated set
@@ -225,29 +194,12 @@ def generated_ground_truths(mesh_dir: Path | None = None, comm=None) -> list[Gro
     return out
 
 
-def _same_npz(path: Path, membrane: np.ndarray) -> bool:
-    if not path.exists():
-        return False
-    try:
-        from meshes.paper import load_paper_ground_truth
-
-        _, table = grid_and_faces()
-        fgrid, _ = load_paper_ground_truth(path)
-        ids = table.lookup(fgrid.membrane_triangles)
-        m = np.zeros(table.num_faces, dtype=bool)
-        m[ids[ids >= 0]] = True
-        return bool(np.all(ids >= 0) and np.array_equal(m, membrane))
-    except Exception:  # noqa: BLE001 - anything unreadable is rewritten
-        return False
-
-
-def ground_truths(source: str = "paper", mesh_dir: Path | None = None,
-                  comm=None) -> list[GroundTruth]:
+def ground_truths(source: str = "paper") -> list[GroundTruth]:
     """The 20 ground truths: source "paper" (the files) or "generated"."""
     if source == "paper":
         return paper_ground_truths()
     if source == "generated":
-        return generated_ground_truths(mesh_dir, comm)
+        return generated_ground_truths()
     raise ValueError(f"source must be 'paper' or 'generated', got {source!r}")
 
 
@@ -260,9 +212,9 @@ def find(gts: list[GroundTruth], key: str) -> GroundTruth:
 
 
 def config_texts(source: str = "paper", settings: Settings | None = None,
-                 mesh_dir: Path | None = None, **kw) -> dict[str, str]:
+                 **kw) -> dict[str, str]:
     """{name: run configuration text} for the 20 ground truths (see GroundTruth.config_text)."""
-    return {gt.name: gt.config_text(settings, **kw) for gt in ground_truths(source, mesh_dir)}
+    return {gt.name: gt.config_text(settings, **kw) for gt in ground_truths(source)}
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -314,7 +266,8 @@ def report(paper: list[GroundTruth], generated: list[GroundTruth]) -> str:
     lines.append(
         "Analytic shapes: all-vertices-inside rule, centred at the origin. Bent axons: "
         "`meshes.paper.random_paper_axon(seed)` (centroid rule, redrawn until a closed "
-        "2-manifold with 66-105 inside tets), written to `generated_meshes/*.npz`; the "
+        "2-manifold with 66-105 inside tets), as `kind = \"bent_axon\"` tables with their "
+        "control points and `inside_rule = \"centroid\"`; the "
         "paper's axon curves are unpublished, so these are look-alikes, not copies.\n")
     gen_rows = []
     for gt in generated:
@@ -390,11 +343,10 @@ def main(argv=None) -> int:
         comm = None
     rank = comm.rank if comm is not None else 0
     out = args.out
-    generated = generated_ground_truths(out / "generated_meshes", comm)
+    generated = generated_ground_truths()
     paper = paper_ground_truths()
     if rank == 0:
-        print(f"{len(paper)} paper ground truths, {len(generated)} regenerated "
-              f"({out / 'generated_meshes'})", flush=True)
+        print(f"{len(paper)} paper ground truths, {len(generated)} regenerated", flush=True)
         text = report(paper, generated)
         atomic_write_text(out / "dataset.md", text)
         items = [(f"paper {gt.name[:3]}: {ANALYTIC_LABELS.get(gt.family, 'bent axon')}", gt)

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     settings = settings_from_args(args)
     comm = mpi_comm()
     out = Path(args.out)
-    gts = ground_truths(args.source, out / "generated_meshes", comm)
+    gts = ground_truths(args.source)
     if not 1 <= args.meshes <= len(gts):
         raise SystemExit(f"--meshes must be in 1..{len(gts)}")
     gts = gts[:args.meshes]

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     settings = settings_from_args(args)
     comm = mpi_comm()
     out = Path(args.out)
-    gt = find(ground_truths(args.source, out / "generated_meshes", comm), args.shape)
+    gt = find(ground_truths(args.source), args.shape)
     say(comm, f"staged vs split on {gt.name} ({args.source} data set): {settings.iterations} "
               f"iterations per stage, {settings.optimizer}, {comm.size} rank(s)")
     runs = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class GeometryConfig:
     torus:     center_um, axis, major_radius_um, minor_radius_um (< major).
     bent_axon: radius_um and either (segments, seed) or control_points_um ((k, 3), k >= 2).
     two_axons: radius_um, seed.
+    The analytic kinds above also take inside_rule: a tet is inside the shape when all 4 of
+    its vertices are ("vertices", default; reproduces the paper's analytic shapes) or when its
+    centroid is ("centroid"; the paper's bent axons).
     paper:     path to a paper ground-truth .npz.
     file_tags: membranes tagged in the grid file (needs grid.kind = "file").
     none:      no membrane.
@@ -80,6 +83,7 @@ class GeometryConfig:
     seed: int | None = None
     control_points_um: tuple[tuple[float, float, float], ...] | None = None
     path: Path | None = None
+    inside_rule: str = "vertices"
 
 
 @dataclass(frozen=True)
@@ -410,9 +414,22 @@ _GEOMETRY_KEYS = {
 }
 
 
+INSIDE_RULES = ("vertices", "centroid")
+_ANALYTIC_KINDS = ("plane", "sphere", "cylinder", "torus", "bent_axon", "two_axons")
+
+
 def _geometry(t: _Table, base: Path, grid: GridConfig) -> GeometryConfig:
     kind = t.string("kind", choices=list(_GEOMETRY_KEYS))
-    t.allow(["kind", *_GEOMETRY_KEYS[kind]], f" for kind {kind!r}")
+    analytic = kind in _ANALYTIC_KINDS
+    t.allow(["kind", *_GEOMETRY_KEYS[kind], *(["inside_rule"] if analytic else [])],
+            f" for kind {kind!r}")
+    geo = _geometry_fields(t, kind, base, grid)
+    if analytic:
+        geo = replace(geo, inside_rule=t.string("inside_rule", "vertices", choices=list(INSIDE_RULES)))
+    return geo
+
+
+def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> GeometryConfig:
     origin = (0.0, 0.0, 0.0)
     if kind == "plane":
         return GeometryConfig(kind, axis=t.unit_axis("axis"), position_um=t.number("position_um"))

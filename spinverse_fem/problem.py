@@ -95,7 +95,7 @@ def membrane_faces(cfg: Config, grid: Grid, faces: FaceTable) -> np.ndarray:
         mask[ids] = True
         return mask
     shape = geometry_shape(geo)
-    inside = shapes.inside_tets(grid, shape)
+    inside = shapes.inside_tets(grid, shape, rule=geo.inside_rule)
     return shapes.membrane_faces(faces, inside)
 
 

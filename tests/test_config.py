@@ -206,6 +206,10 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
             GeometryConfig("bent_axon", radius_um=4.5, control_points_um=((0, 0, -10), (1, 0, 0), (0, 0, 10))),
         ),
         ('kind = "two_axons"\nradius_um = 3.0', GeometryConfig("two_axons", radius_um=3.0, seed=0)),
+        (
+            'kind = "sphere"\nradius_um = 3.0\ninside_rule = "centroid"',
+            GeometryConfig("sphere", center_um=(0, 0, 0), radius_um=3.0, inside_rule="centroid"),
+        ),
     ],
 )
 def test_geometry_kinds(section, expected):
@@ -285,6 +289,8 @@ ERROR_CASES = {
         "geometry.minor_radius_um",
         "< major_radius_um",
     ),
+    "bad inside rule": (_variant(SPHERE, SPHERE + '\ninside_rule = "majority"'), "geometry.inside_rule", "one of"),
+    "inside rule on a file": (_variant(SPHERE, 'kind = "paper"\npath = "x.npz"\ninside_rule = "centroid"'), "geometry.inside_rule", "unknown key for kind 'paper'"),
     "file_tags without grid file": (_variant(SPHERE, 'kind = "file_tags"'), "geometry.kind", "grid.kind = 'file'"),
     "bent axon both ways": (
         _variant(SPHERE, 'kind = "bent_axon"\nradius_um = 4.0\nsegments = 3\ncontrol_points_um = [[0, 0, 0], [0, 0, 1]]'),
@@ -408,3 +414,31 @@ continuity_weight = 0.0
 """
     c = parse_config(text)
     assert c.stages() == (Stage((1, 0), 50, 2.0, 1.5), Stage((1,), 30, 0.0, 1.5))
+
+
+def test_inside_rule_centroid_builds_the_centroid_membrane():
+    """Reference: the torus inside test (sqrt(x^2 + y^2) - R)^2 + z^2 < r^2 written out here on
+    the tet centroids / all 4 vertices, and faces with exactly one inside neighbour counted
+    from the face table's cells. The centroid rule must give a different, larger region."""
+    from spinverse_fem.problem import build_problem
+
+    base = (EXAMPLES / "paper_torus.toml").read_text()
+    rules = {}
+    for rule in ("vertices", "centroid"):
+        text = base.replace("minor_radius_um = 6.0", f'minor_radius_um = 6.0\ninside_rule = "{rule}"')
+        cfg = parse_config(text)
+        assert cfg.geometry.inside_rule == rule
+        pb = build_problem(cfg)
+        p = pb.grid.points
+
+        def inside(q):
+            return (np.hypot(q[..., 0], q[..., 1]) - 10.0) ** 2 + q[..., 2] ** 2 < 36.0
+
+        tets = pb.grid.tets
+        ins = inside(p[tets].mean(axis=1)) if rule == "centroid" else inside(p[tets]).all(axis=1)
+        cells = pb.faces.cells
+        n_inside = ins[cells[:, 0]].astype(int) + np.where(cells[:, 1] >= 0, ins[cells[:, 1]], False)
+        assert np.array_equal(pb.membrane, n_inside == 1)
+        rules[rule] = (int(ins.sum()), int(pb.membrane.sum()))
+    assert rules["vertices"] == (64, 88)  # the paper's torus file
+    assert rules["centroid"][0] > 64

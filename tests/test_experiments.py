@@ -33,7 +33,7 @@ def test_dataset_reproduces_the_analytic_paper_files(comm, out):
     cylinder 52 membrane faces); the regenerated ones must equal them face for face, all 40
     ground truths must be closed 2-manifolds and each configuration must rebuild its membrane."""
     assert dataset.main(["--out", str(out)]) == 0
-    gen = dataset.generated_ground_truths(out / "generated_meshes")
+    gen = dataset.generated_ground_truths()
     assert [g.family for g in gen] == ["axon"] * 16 + list(dataset.ANALYTIC)
     faces = {g.family: int(g.membrane.sum()) for g in gen if g.family != "axon"}
     assert faces == {"torus": 88, "sphere": 48, "cylinder": 96, "tilted_cylinder": 52}
@@ -41,7 +41,7 @@ def test_dataset_reproduces_the_analytic_paper_files(comm, out):
         assert 4.2 <= g.info["radius_um"] <= 5.5 and 4 <= g.info["segments"] <= 9
         assert 66 <= int(g.inside.sum()) <= 105
     # the same every time
-    again = dataset.generated_ground_truths(out / "generated_meshes")
+    again = dataset.generated_ground_truths()
     assert all(np.array_equal(a.membrane, b.membrane) for a, b in zip(gen, again))
     texts = dataset.config_texts("paper")
     assert len(texts) == 20 and all('kind = "paper"' in t for t in texts.values())
