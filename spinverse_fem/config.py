@@ -140,6 +140,8 @@ class InversionConfig:
     same number of stages), "custom" (stages from [[inversion.stage]], kept in `custom_stages`).
     normalisation: "reference" (divide predictions by the reference b = 0 signal) or "own".
     checkpoint_every: iterations between checkpoints (0 = none).
+    adam_restart_per_stage: Adam starts every stage with fresh moment estimates (and its
+    warm-up), since each stage fits a different objective; false keeps them across stages.
     """
 
     kappa_min_um_per_ms: float = 0.01
@@ -157,6 +159,7 @@ class InversionConfig:
     adam_warmup: int = 50
     adam_final_lr_factor: float = 0.1
     clip_grad_norm: float = 1.0
+    adam_restart_per_stage: bool = True
     checkpoint_every: int = 10
     custom_stages: tuple[Stage, ...] = ()
 
@@ -288,6 +291,12 @@ class _Table:
         if key not in self.data:
             return v
         return _integer(v, self.source, self.field(key), ge=ge)
+
+    def boolean(self, key, default=_MISSING) -> bool | None:
+        v = self.raw(key, default)
+        if key in self.data and not isinstance(v, bool):
+            raise self.error(key, f"must be true or false, got {_type_name(v)}")
+        return v
 
     def string(self, key, default=_MISSING, choices=None) -> str | None:
         v = self.raw(key, default)
@@ -620,6 +629,7 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         adam_warmup=t.integer("adam_warmup", d.adam_warmup, ge=0),
         adam_final_lr_factor=t.number("adam_final_lr_factor", d.adam_final_lr_factor, gt=0, le=1),
         clip_grad_norm=t.number("clip_grad_norm", d.clip_grad_norm, gt=0),
+        adam_restart_per_stage=t.boolean("adam_restart_per_stage", d.adam_restart_per_stage),
         checkpoint_every=t.integer("checkpoint_every", d.checkpoint_every, ge=0),
         custom_stages=stages,
     )

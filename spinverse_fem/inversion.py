@@ -128,6 +128,9 @@ class Inversion:
                 state.modes.append(int(basis.num_modes))
                 self.log(f"stage {si + 1}/{len(self.stages)} ({names} ms): {stage.iterations} "
                          f"iterations, {state.modes[si]} modes (fixed for the stage)")
+                if adam is not None and si > 0 and inv.adam_restart_per_stage:
+                    # the moments of the previous stage's objective would damp this one's steps
+                    state.adam = None
             misfit = self._misfit(si, state.modes[si])
             problem = InverseProblem(self.params, misfit, self.priors,
                                      PriorWeights(stage.continuity_weight, 0.0))
