@@ -85,22 +85,15 @@ def grid_and_faces():
 
 
 def inside_from_membrane(table, membrane: np.ndarray) -> np.ndarray | None:
-    """(T,) inside tets enclosed by a membrane (F,) bool: tets not connected, through
-    non-membrane faces, to a non-membrane outer face. None if that region's membrane is not
-    exactly `membrane` (the membrane then does not enclose a region)."""
+    """(T,) inside tets enclosed by a membrane (F,) bool: the sealed compartments (regions not
+    reaching a non-membrane outer face). None if their membrane is not exactly `membrane` (the
+    membrane then does not enclose a region)."""
     from meshes.shapes import membrane_faces
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from spinverse_fem.compartments import sealed_compartments
 
-    c = table.cells
-    nt = table.tet_faces.shape[0]
-    open_inner = (c[:, 1] >= 0) & ~membrane
-    a, b = c[open_inner, 0], c[open_inner, 1]
-    graph = coo_matrix((np.ones(a.size), (a, b)), shape=(nt, nt))
-    _, comp = connected_components(graph, directed=False)
-    leaky = (c[:, 1] < 0) & ~membrane
-    outside_comps = np.unique(comp[c[leaky, 0]])
-    inside = ~np.isin(comp, outside_comps)
+    inside = np.zeros(table.tet_faces.shape[0], dtype=bool)
+    for c in sealed_compartments(table, membrane):
+        inside[c] = True
     if not np.array_equal(membrane_faces(table, inside), membrane):
         return None
     return inside

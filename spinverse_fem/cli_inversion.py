@@ -126,6 +126,7 @@ def cmd_invert(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Metrics of a result/kappa file (or PLY) against a ground truth (config or paper .npz)."""
+    from spinverse_fem.compartments import compare_compartments
     from spinverse_fem.config import load_config
     from spinverse_fem.interface import extract_interface
     from spinverse_fem.kappa_io import read_kappa
@@ -139,6 +140,8 @@ def cmd_evaluate(args) -> int:
     pred = extract_interface(kappa, args.threshold or cfg.inversion.threshold_um_per_ms,
                              problem.active)
     m = evaluate(problem.grid.points, problem.faces.faces, pred, problem.membrane)
+    m.update(compare_compartments(problem.faces, pred, problem.membrane,
+                                  outer_drains=problem.outer == "robin"))
     if comm.rank == 0:
         text = json.dumps(m, indent=2, sort_keys=True)
         if args.out:

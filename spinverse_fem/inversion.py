@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spinverse_fem.compartments import compare_compartments
 from spinverse_fem.config import Config
 from spinverse_fem.errors import InputError
 from spinverse_fem.forward import ForwardModel
@@ -107,7 +108,10 @@ class Inversion:
         if self.truth is None:
             return {}
         pred = extract_interface(kappa, self.cfg.inversion.threshold_um_per_ms, self.problem.active)
-        return evaluate(self.problem.grid.points, self.problem.faces.faces, pred, self.truth)
+        out = evaluate(self.problem.grid.points, self.problem.faces.faces, pred, self.truth)
+        out.update(compare_compartments(self.problem.faces, pred, self.truth,
+                                        outer_drains=self.problem.outer == "robin"))
+        return out
 
     # -- the run -------------------------------------------------------------------------
     def run(self, state: RunState, checkpoint=None) -> RunState:
