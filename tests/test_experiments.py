@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import dataset  # noqa: E402
 import prior_ablation  # noqa: E402
 import staged_vs_split  # noqa: E402
+import torus_variants  # noqa: E402
 
 # 1 iteration per stage, 6 directions, small eigenbases: about 10 s per script on one core
 TINY = ["--iterations", "1", "--directions", "6", "--max-modes", "30",
@@ -83,3 +84,18 @@ def test_prior_ablation_tiny_and_resume(comm, out, capsys):
     assert prior_ablation.main(args) == 0
     if comm.rank == 0:
         assert capsys.readouterr().out.count("skipped") == 3
+
+
+def test_torus_variants_tiny(comm, out):
+    """Two variants (a preset and a custom 3-stage curriculum) run and are tabulated with the
+    sealed compartments of their interfaces."""
+    args = [*TINY, "--variants", "restart", "closing_joint", "--out", str(out)]
+    assert torus_variants.main(args) == 0
+    if comm.rank == 0:
+        md = (out / "torus_variants.md").read_text()
+        assert "| restart |" in md and "| closing_joint |" in md
+        r = json.loads((out / "torus_variants" / "closing_joint.json").read_text())
+        assert r["stages"] == [["10/60"], ["10/20"], ["10/20", "10/60"]] or \
+            r["stages"] == [["10/60"], ["10/20"], ["10/60", "10/20"]]
+        assert r["iterations"] == 3
+        assert r["metrics"]["true_sealed_compartment_tets"] == [64]
