@@ -37,6 +37,9 @@ PAPER_SEQUENCES = (("5/6", 5.0, 6.0), ("10/20", 10.0, 20.0), ("10/60", 10.0, 60.
 PAPER_B = (0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0)
 CURRICULUM_SEQUENCES = ("10/60", "10/20")
 # Keys of Inversion.history kept in the run summaries (all of them).
+# Bumped when the optimiser's behaviour changes for the same configuration text, so that saved
+# runs made by older code are run again: 2 = Adam restarts its moments at stage switches.
+CODE_VERSION = 2
 HISTORY_KEYS = ("stage", "iteration", "misfit", "continuity", "manifold", "total",
                 "manifold_weight", "cd_l2", "bad_edge_pct", "interface_faces", "seconds")
 
@@ -269,8 +272,8 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
                      interface_faces=float(interface.sum()), seconds=t2 - t1)
     for k in HISTORY_KEYS:
         history[k].append(float(final_row[k]))
-    return dict(label=label, settings=settings.as_dict(), config=cfg_text,
-                ranks=comm.size, metrics=metrics, interface_faces=int(interface.sum()),
+    return dict(label=label, code_version=CODE_VERSION, settings=settings.as_dict(),
+                config=cfg_text, ranks=comm.size, metrics=metrics, interface_faces=int(interface.sum()),
                 misfit_last_stage=misfit_last, misfit_joint=misfit_joint,
                 misfit_per_sequence=per_seq, modes=[int(m) for m in state.modes],
                 iterations=int(state.global_iteration), seconds=t2 - t1,
@@ -309,10 +312,12 @@ def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, 
     if comm.rank == 0 and resume and path.exists():
         try:
             data = json.loads(path.read_text())
-            if data.get("config") == cfg_text and data.get("settings") == settings.as_dict():
+            if (data.get("config") == cfg_text and data.get("settings") == settings.as_dict()
+                    and data.get("code_version", 1) == CODE_VERSION):
                 found = data
             else:
-                print(f"{path.name}: saved with other settings; running again", flush=True)
+                print(f"{path.name}: saved with other settings or older code; running again",
+                      flush=True)
         except (OSError, ValueError) as exc:
             print(f"{path.name}: unreadable ({exc}); running again", flush=True)
     found = comm.bcast(found, root=0)
