@@ -185,6 +185,17 @@ def pyplot():
     return plt
 
 
+def finish_figure(plt, fig, axes, title: str, path: Path) -> None:
+    """Grid on every axis, legend on the first, title; save atomically and close."""
+    for a in axes:
+        a.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def markdown_table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

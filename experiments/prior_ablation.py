@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, add_common_arguments, atomic_write_text,  # noqa: E402
-                    cached_run, fmt, fmt_seconds, iteration_logger, markdown_table, mpi_comm,
-                    pyplot, save_figure, say, settings_from_args)
+                    cached_run, finish_figure, fmt, fmt_seconds, iteration_logger,
+                    markdown_table, mpi_comm, pyplot, say, settings_from_args)
 from dataset import ground_truths  # noqa: E402
 
 # name -> (continuity_weight, manifold_weight); the manifold weight ramps 0 -> value
@@ -128,12 +128,7 @@ def plot(path: Path, results: dict, meshes: list[str], configs: list[str]) -> No
             a.axvline(switch - 0.5, color="k", ls=":", lw=0.8)
         a.set_xlabel("iteration (dotted: 10/60 -> 10/20 ms)")
         a.set_ylabel(label)
-        a.grid(True, alpha=0.3)
-    ax[0].legend(fontsize=8)
-    fig.suptitle(f"Prior ablation: mean over {len(meshes)} mesh(es)")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(plt, fig, ax, f"Prior ablation: mean over {len(meshes)} mesh(es)", path)
 
 
 def main(argv=None) -> int:

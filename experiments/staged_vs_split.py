@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, add_common_arguments, atomic_write_text,  # noqa: E402
-                    cached_run, fmt, fmt_seconds, iteration_logger, markdown_table,
-                    mark_stage_switches, mpi_comm, pyplot, save_figure, say,
+                    cached_run, finish_figure, fmt, fmt_seconds, iteration_logger,
+                    markdown_table, mark_stage_switches, mpi_comm, pyplot, say,
                     settings_from_args)
 from dataset import ground_truths, find  # noqa: E402
 
@@ -102,13 +102,7 @@ def plot(path: Path, runs: dict, gt_name: str) -> None:
     ax[1].set_ylabel("CD-L2 (um$^2$)")
     ax[2].set_ylabel("BadEdge (%)")
     ax[2].set_xlabel("iteration (dotted: stage switch)")
-    for a in ax:
-        a.grid(True, alpha=0.3)
-    ax[0].legend(fontsize=8)
-    fig.suptitle(f"Staged vs split curriculum, {gt_name}")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish_figure(plt, fig, ax, f"Staged vs split curriculum, {gt_name}", path)
 
 
 def main(argv=None) -> int:

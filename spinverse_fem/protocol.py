@@ -89,16 +89,22 @@ def _check_directions(d, b_used, source: str, field: str) -> np.ndarray:
     if not np.all(np.isfinite(d)):
         k = int(np.flatnonzero(~np.all(np.isfinite(d), axis=1))[0])
         raise InputError(source, f"{field}[{k}]", "must be finite")
-    norm = np.linalg.norm(d, axis=1)
-    bad = (np.abs(norm - 1.0) > UNIT_TOL) & ((np.asarray(b_used) > 0) | (norm != 0))
-    if np.any(bad):
-        k = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            source,
-            f"{field}[{k}]",
-            f"must be a unit vector (a zero vector only where b = 0), got norm {norm[k]:.9g}",
-        )
+    k, norm = _first_non_unit(d, b_used, UNIT_TOL)
+    if k is not None:
+        raise InputError(source, f"{field}[{k}]", "must be a unit vector (a zero vector only "
+                         f"where b = 0), got norm {norm:.9g}")
     return d
+
+
+def _first_non_unit(d: np.ndarray, b, tol: float) -> tuple[int | None, float]:
+    """(index, norm) of the first direction that is neither unit (within tol) nor a zero vector
+    at b = 0; (None, 0) if all are fine."""
+    norm = np.linalg.norm(d, axis=1)
+    bad = (np.abs(norm - 1.0) > tol) & ((np.asarray(b) > 0) | (norm != 0))
+    if not np.any(bad):
+        return None, 0.0
+    k = int(np.flatnonzero(bad)[0])
+    return k, float(norm[k])
 
 
 def _check_measurements(b, directions, source: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -417,16 +423,12 @@ def read_camino_scheme(path) -> list[Sequence]:
         b_s_per_m2 = GAMMA_RAD_PER_S_PER_T**2 * g**2 * delta_s**2 * (Delta_s - delta_s / 3.0)
         b = b_s_per_m2 * 1e-6
         d = v[:, :3].copy()
+        k, bad_norm = _first_non_unit(d, b, FILE_UNIT_TOL)
+        if k is not None:
+            raise InputError(source, f"line {grp[k][0]}", "gradient direction must be a unit "
+                             f"vector (zero only where |G| = 0), got norm {bad_norm:.6g}")
         norm = np.linalg.norm(d, axis=1)
         zero = norm == 0
-        bad = (np.abs(norm - 1.0) > FILE_UNIT_TOL) & ((b > 0) | ~zero)
-        if np.any(bad):
-            k = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                source,
-                f"line {grp[k][0]}",
-                f"gradient direction must be a unit vector (zero only where |G| = 0), got norm {norm[k]:.6g}",
-            )
         d[~zero] /= norm[~zero, None]
         segments = ((delta_ms, 1.0), (Delta_ms - delta_ms, 0.0), (delta_ms, -1.0))
         sequences.append(Sequence(f"{delta_ms:g}/{Delta_ms:g}", segments, b, d))
