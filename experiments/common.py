@@ -311,6 +311,27 @@ def from_json_history(h: dict) -> dict:
     return {k: [np.nan if x is None else float(x) for x in v] for k, v in h.items()}
 
 
+def saved_run(path: Path, cfg_text: str, settings: Settings, quiet: bool = False):
+    """The run saved at `path` if it holds the same config text, settings and code version,
+    else None (call on one rank)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        if not quiet:
+            print(f"{path.name}: unreadable ({exc}); running again", flush=True)
+        return None
+    if (data.get("config") == cfg_text and data.get("settings") == settings.as_dict()
+            and data.get("code_version", 1) == CODE_VERSION):
+        data["history"] = from_json_history(data["history"])
+        return data
+    if not quiet:
+        print(f"{path.name}: saved with other settings or older code; running again", flush=True)
+    return None
+
+
 def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, log=None,
                resume: bool = True) -> dict:
     """run_case, or its saved JSON at `path` if that holds the same config text and settings.
@@ -319,22 +340,10 @@ def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, 
     atomically when a run finishes: a killed job loses at most the run in progress.
     """
     path = Path(path)
-    found = None
-    if comm.rank == 0 and resume and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if (data.get("config") == cfg_text and data.get("settings") == settings.as_dict()
-                    and data.get("code_version", 1) == CODE_VERSION):
-                found = data
-            else:
-                print(f"{path.name}: saved with other settings or older code; running again",
-                      flush=True)
-        except (OSError, ValueError) as exc:
-            print(f"{path.name}: unreadable ({exc}); running again", flush=True)
+    found = saved_run(path, cfg_text, settings) if comm.rank == 0 and resume else None
     found = comm.bcast(found, root=0)
     if found is not None:
         say(comm, f"{label}: done before ({path}), skipped")
-        found["history"] = from_json_history(found["history"])
         return found
     res = run_case(comm, cfg_text, settings, label, log=log)
     if comm.rank == 0:

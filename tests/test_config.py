@@ -100,7 +100,8 @@ def test_paper_torus_example():
         assert (s.delta_ms, s.Delta_ms) == (d, D)
         np.testing.assert_array_equal(s.b_s_per_mm2, np.repeat(np.arange(0, 5001, 1000.0), 30))
         np.testing.assert_array_equal(s.directions[:30], fibonacci_directions(30))
-    assert c.stages() == (Stage((2,), 200, 2.0, 2.0), Stage((1,), 200, 2.0, 2.0))
+    # long_to_short: 10/60, 10/20, then 5/6 ms (the paper's staged preset stops after 10/20)
+    assert c.stages() == (Stage((2,), 200, 2.0, 2.0), Stage((1,), 200, 2.0, 2.0), Stage((0,), 200, 2.0, 2.0))
 
 
 @pytest.mark.parametrize("name", ["paper_torus_camino.toml", "paper_torus_fsl.toml"])
@@ -379,6 +380,20 @@ def test_split_uses_both_jointly():
     """split: the same two sequences together in every stage, as many stages as staged."""
     c = parse_config(HEAD + PAPER_SEQS + "\n[inversion]\ncurriculum = 'split'\n")
     assert c.stages() == (Stage((1, 2), 200, 2.0, 2.0),) * 2
+
+
+def test_long_to_short_runs_every_sequence_by_diffusion_time():
+    """long_to_short: one stage per sequence, Delta - delta/3 decreasing: 10/60 (56.7 ms,
+    index 1), 10/20 (16.7 ms, index 2), 5/6 (4.3 ms, index 0)."""
+    c = parse_config(HEAD + PAPER_SEQS + "\n[inversion]\ncurriculum = 'long_to_short'\niterations_per_stage = 9\n")
+    assert c.stages() == (Stage((1,), 9, 2.0, 2.0), Stage((2,), 9, 2.0, 2.0), Stage((0,), 9, 2.0, 2.0))
+    # diffusion time, not Delta, decides: 30/40 (30 ms) comes after 5/32 (30.3 ms)
+    seqs = "".join(
+        f'\n[[sequence]]\ntype = "pgse"\ndelta_ms = {d}\nDelta_ms = {D}\nb_s_per_mm2 = [0.0]\nfibonacci = 1\n'
+        for d, D in [(30.0, 40.0), (5.0, 32.0)]
+    )
+    c = parse_config(HEAD + seqs + "\n[inversion]\ncurriculum = 'long_to_short'\n")
+    assert [s.sequences for s in c.stages()] == [(1,), (0,)]
 
 
 def test_staged_fallback_longest_delta_first():
