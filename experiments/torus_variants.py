@@ -41,29 +41,36 @@ def _stages_toml(stages, settings) -> str:
         f"{max(1, round(its * scale))}\n".replace("'", '"') for seqs, its in stages)
 
 
-# name -> (description, prior weights, extra [inversion] keys, custom stages or None)
+# name -> (description, prior weights, extra [inversion] keys, custom stages, a preset name or
+# None for "staged")
 W = dict(continuity_weight=2.0, manifold_weight=2.0)
 # (custom stages: (sequence names, iterations at 200 per stage))
 VARIANTS = {
     "paper": ("the paper's Adam as we read it: moments carried across the stage switch", W,
               "adam_restart_per_stage = false\n", None),
-    "restart": ("default: fresh Adam moments at the stage switch", W, "", None),
+    "restart": ("fresh Adam moments at the stage switch (our default)", W, "", None),
     "lr0.3": ("restart, Adam lr 0.3 instead of 0.6", W, "adam_lr = 0.3\n", None),
     "continuity1": ("restart, continuity weight 1 instead of 2",
                     dict(W, continuity_weight=1.0), "", None),
     "closing_joint": ("restart, then a third stage on 10/60 + 10/20 jointly (150 it.)", W, "",
                       _stages((["10/60"], 200), (["10/20"], 200), (["10/60", "10/20"], 150))),
     "short_last": ("restart, then a third stage on the unused 5/6 ms sequence (200 it.): "
-                   "curriculum long_to_short, the default example's", W, "",
+                   "the long_to_short preset", W, "",
                    _stages((["10/60"], 200), (["10/20"], 200), (["5/6"], 200))),
     "short_last_carried": ("short_last with the moments carried across the stage switches", W,
                            "adam_restart_per_stage = false\n",
                            _stages((["10/60"], 200), (["10/20"], 200), (["5/6"], 200))),
+    "long_to_short_m3": ("long_to_short, manifold weight 3", dict(W, manifold_weight=3.0), "",
+                         "long_to_short"),
+    "long_to_short_m4": ("long_to_short, manifold weight 4: examples/paper_torus.toml",
+                         dict(W, manifold_weight=4.0), "", "long_to_short"),
 }
 
 
 def config_text(gt, settings, name: str) -> str:
     _, weights, extra, stages = VARIANTS[name]
+    if isinstance(stages, str):
+        return gt.config_text(settings, curriculum=stages, **weights) + extra
     text = gt.config_text(settings, curriculum="custom" if stages else "staged", **weights)
     return text + extra + (_stages_toml(stages, settings) if stages else "")
 
@@ -86,7 +93,7 @@ def write_table(path: Path, results: dict, settings) -> None:
             "compartment of 64 tets.\n\n"
             + markdown_table(["variant", "change", "CD-L2 (um^2)", "BadEdge%", "face IoU",
                               "faces found / true", "sealed compartments (tets)",
-                              "tets sealed/open wrongly", "misfit 10/60 + 10/20", "time"], rows))
+                              "tets sealed/open wrongly", "misfit (sequences used, jointly)", "time"], rows))
     atomic_write_text(path, text)
 
 

@@ -100,8 +100,9 @@ def test_paper_torus_example():
         assert (s.delta_ms, s.Delta_ms) == (d, D)
         np.testing.assert_array_equal(s.b_s_per_mm2, np.repeat(np.arange(0, 5001, 1000.0), 30))
         np.testing.assert_array_equal(s.directions[:30], fibonacci_directions(30))
-    # long_to_short: 10/60, 10/20, then 5/6 ms (the paper's staged preset stops after 10/20)
-    assert c.stages() == (Stage((2,), 200, 2.0, 2.0), Stage((1,), 200, 2.0, 2.0), Stage((0,), 200, 2.0, 2.0))
+    # long_to_short: 10/60, 10/20, then 5/6 ms (the paper's staged preset stops after 10/20);
+    # manifold weight 4 (the paper's 2 leaves BadEdge at 11 % on this example)
+    assert c.stages() == tuple(Stage((i,), 200, 2.0, 4.0) for i in (2, 1, 0))
 
 
 @pytest.mark.parametrize("name", ["paper_torus_camino.toml", "paper_torus_fsl.toml"])
