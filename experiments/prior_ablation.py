@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, add_common_arguments, atomic_write_text,  # noqa: E402
                     cached_run, finish_figure, fmt, fmt_seconds, iteration_logger,
-                    markdown_table, mpi_comm, pyplot, say, settings_from_args)
+                    markdown_table, mpi_comm, pyplot, saved_run, say, settings_from_args)
 from dataset import ground_truths  # noqa: E402
 
 # name -> (continuity_weight, manifold_weight); the manifold weight ramps 0 -> value
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
                    help="number of meshes, the first N of the data set in list order (default 10)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="configurations to run (default: all three)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="run only from the (N+1)-th of those meshes on, to share a long ablation "
+                        "between processes; the table still lists every saved run")
     p.add_argument("--fresh", action="store_true", help="ignore saved runs in OUT/prior_ablation")
     args = p.parse_args(argv)
     settings = settings_from_args(args)
@@ -149,6 +152,27 @@ def main(argv=None) -> int:
     gts = gts[:args.meshes]
     meshes = [gt.name for gt in gts]
     configs = list(args.configs)
+
+    def config_for(gt, c):
+        cw, mw = CONFIGS[c]
+        return gt.config_text(settings, curriculum="staged", continuity_weight=cw,
+                              manifold_weight=mw)
+
+    def run_path(gt, c):
+        return out / "prior_ablation" / f"{gt.name}__{c}.json"
+
+    def table_results():
+        """This invocation's runs plus every matching saved run (all three configurations)."""
+        table = dict(results)
+        for gt in gts:
+            for c in CONFIGS:
+                if (gt.name, c) not in table:
+                    r = saved_run(run_path(gt, c), config_for(gt, c), settings, quiet=True)
+                    if r is not None:
+                        table[(gt.name, c)] = r
+        return table
+
+    gts = gts[args.skip:]
     total = len(gts) * len(configs)
     say(comm, f"prior ablation: {len(gts)} mesh(es) ({args.source} data set) x "
               f"{len(configs)} configuration(s), {settings.iterations} iterations per stage, "
@@ -160,9 +184,7 @@ def main(argv=None) -> int:
             k += 1
             cw, mw = CONFIGS[c]
             say(comm, f"[{k}/{total}] {gt.name}, {c} (continuity {cw:g}, manifold {mw:g})")
-            cfg = gt.config_text(settings, curriculum="staged", continuity_weight=cw,
-                                 manifold_weight=mw)
-            r = cached_run(comm, out / "prior_ablation" / f"{gt.name}__{c}.json", cfg, settings,
+            r = cached_run(comm, run_path(gt, c), config_for(gt, c), settings,
                            f"{gt.name} {c}",
                            log=iteration_logger(comm, args.log_every, f"[{k}/{total}] "),
                            resume=not args.fresh)
@@ -171,12 +193,14 @@ def main(argv=None) -> int:
             say(comm, f"  -> CD-L2 {m['cd_l2']:.3f} um^2, BadEdge {m['bad_edge_pct']:.1f}%, "
                       f"IoU {m['iou']:.3f}, {fmt_seconds(r['seconds'])}")
             if comm.rank == 0:
-                write_table(out / "prior_ablation.md", results, meshes, configs, settings,
-                            comm.size)
-                plot(out / "prior_ablation.png", results, meshes, configs)
+                table = table_results()
+                shown = [c for c in CONFIGS if any((m, c) in table for m in meshes)]
+                write_table(out / "prior_ablation.md", table, meshes, shown, settings, comm.size)
+                plot(out / "prior_ablation.png", table, meshes, shown)
     if comm.rank == 0:
+        table = table_results()
         for c in configs:
-            done = [results[(m, c)] for m in meshes]
+            done = [table[(m, c)] for m in meshes if (m, c) in table]
             print(f"{c:>20}: mean CD-L2 {_mean([r['metrics']['cd_l2'] for r in done]):.3f} um^2,"
                   f" mean BadEdge {_mean([r['metrics']['bad_edge_pct'] for r in done]):.1f}%",
                   flush=True)
