@@ -195,3 +195,8 @@ def test_resume_after_kill_gives_same_kappa(tmp_path):
         faces, verts = f["faces"][:], f["vertices"][:]
     cd = chamfer_l2(pts[tris], verts[faces[truth]]) if len(tris) else 0.0
     assert metrics["cd_l2"] == pytest.approx(cd, rel=1e-12, abs=1e-12)
+    # and against the package-free checker users run on their own output directories
+    r = subprocess.run(["timeout", "120", sys.executable,
+                        str(ROOT / "experiments" / "check_cd_from_ply.py"), str(tmp_path / "a")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "agree" in r.stdout, r.stdout + r.stderr
