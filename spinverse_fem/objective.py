@@ -32,8 +32,9 @@ from spinverse_fem.sensitivity import FaceSensitivity
 NORMALISATIONS = ("reference", "own")
 
 
-def check_misfit_inputs(sequences, targets, normalisation, s0_reference):
-    """(sequences, complex targets) after checking shapes and the normalisation choice."""
+def set_misfit_inputs(misfit, sequences, targets, weight, normalisation, s0_reference) -> None:
+    """Check shapes and the normalisation choice, then set misfit.sequences, .targets (complex),
+    .weight, .normalisation and .s0_reference (um^3 per sequence or None)."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
     if normalisation == "reference" and s0_reference is None:
@@ -46,7 +47,10 @@ def check_misfit_inputs(sequences, targets, normalisation, s0_reference):
         if t.shape != (seq.num_measurements,):
             raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
                              f"({seq.num_measurements},)")
-    return sequences, targets
+    misfit.sequences, misfit.targets = sequences, targets
+    misfit.weight = float(weight)
+    misfit.normalisation = normalisation
+    misfit.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
 
 
 @dataclass
@@ -71,11 +75,7 @@ class SignalMisfit:
                  normalisation: str = "own", s0_reference=None, num_modes: int | None = None,
                  adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53):
         self.model = model
-        self.sequences, self.targets = check_misfit_inputs(sequences, targets, normalisation,
-                                                           s0_reference)
-        self.weight = float(weight)
-        self.normalisation = normalisation
-        self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
+        set_misfit_inputs(self, sequences, targets, weight, normalisation, s0_reference)
         self.num_modes = num_modes
         # 1e-8: the gradient changes by ~1e-11 relative against 1e-11 (measured), far below the
         # 7e-8 agreement with finite differences, at about half the CG iterations

@@ -35,7 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.full_order import FullOrderModel
-from spinverse_fem.objective import Counters, check_misfit_inputs
+from spinverse_fem.objective import Counters, set_misfit_inputs
 from spinverse_fem.protocol import Sequence
 
 
@@ -62,11 +62,7 @@ class FullOrderMisfit:
     def __init__(self, model: FullOrderModel, sequences, targets, *, weight: float = 1.0,
                  normalisation: str = "own", s0_reference=None):
         self.model = model
-        self.sequences, self.targets = check_misfit_inputs(sequences, targets, normalisation,
-                                                           s0_reference)
-        self.weight = float(weight)
-        self.normalisation = normalisation
-        self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
+        set_misfit_inputs(self, sequences, targets, weight, normalisation, s0_reference)
         self.num_measurements = sum(s.num_measurements for s in self.sequences)
         # the sequences actually simulated (with the b = 0 row for "own")
         self._sim = [with_b0_row(s) if normalisation == "own" else s for s in self.sequences]
