@@ -90,8 +90,34 @@ def write_table(path: Path, results: dict, meshes: list[str], configs: list[str]
                           "total time"], summary)
         + "\nEmpty predictions score CD-L2 = 0 by the paper's convention (counted above). "
           "Joint misfit: 100 x mean |S/S0_ref - T|^2 over 10/60 + 10/20 ms at the final kappa."
-          "\n\n![mean history](prior_ablation.png)\n")
+          "\n\n" + verdict(results, meshes)
+        + "\n![mean history](prior_ablation.png)\n")
     atomic_write_text(path, text)
+
+
+def verdict(results: dict, meshes: list[str]) -> str:
+    """The issue's check, on the meshes run with every configuration being compared: the full
+    method must have lower mean CD-L2 and BadEdge% than no priors."""
+    lines = ["## Verdict\n"]
+    for other in ("none", "continuity"):
+        paired = [m for m in meshes
+                  if (m, other) in results and (m, "continuity+manifold") in results]
+        if not paired:
+            continue
+        means = {}
+        for c in (other, "continuity+manifold"):
+            means[c] = [_mean([results[(m, c)]["metrics"][k] for m in paired])
+                        for k in ("cd_l2", "bad_edge_pct")]
+        wins = sum(results[(m, "continuity+manifold")]["metrics"]["cd_l2"]
+                   < results[(m, other)]["metrics"]["cd_l2"] for m in paired)
+        better = all(f < o for f, o in zip(means["continuity+manifold"], means[other]))
+        lines.append(
+            f"- continuity+manifold vs {other} on the {len(paired)} mesh(es) run with both: mean "
+            f"CD-L2 {means['continuity+manifold'][0]:.3f} vs {means[other][0]:.3f} um^2, mean "
+            f"BadEdge {means['continuity+manifold'][1]:.1f} vs {means[other][1]:.1f} %; lower "
+            f"CD-L2 on {wins}/{len(paired)} meshes. **The full method "
+            f"{'is' if better else 'is NOT'} better on both means.**")
+    return "\n".join(lines) + "\n"
 
 
 def mean_history(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
