@@ -234,9 +234,7 @@ def test_two_ranks_give_the_same_gradient(case, model):
 
 # -- in-process tests (serial and mpiexec -n 2) ----------------------------------------------------
 
-def test_load_targets_splits_rows_per_sequence(tmp_path):
-    """Reference: the table written here (rows in config order) and its per-sequence S0."""
-    cfg = parse_config(config_text() + """
+LONG_SEQUENCE = """
 [[sequence]]
 type = "pgse"
 name = "long"
@@ -244,7 +242,12 @@ delta_ms = 5.0
 Delta_ms = 30.0
 b_s_per_mm2 = [0.0, 800.0]
 directions = [[0.0, 0.0, 1.0]]
-""")
+"""
+
+
+def test_load_targets_splits_rows_per_sequence(tmp_path):
+    """Reference: the table written here (rows in config order) and its per-sequence S0."""
+    cfg = parse_config(config_text() + LONG_SEQUENCE)
     rng = np.random.default_rng(0)
     sig = [rng.standard_normal(s.num_measurements) + 1j * rng.standard_normal(s.num_measurements)
            for s in cfg.sequences]
@@ -258,15 +261,7 @@ directions = [[0.0, 0.0, 1.0]]
     write_signal_table(path, table_from_sequences(cfg.sequences, sig, cfg.text))
     assert load_targets(path, cfg)[1] is None
     # the same b-values and directions but another timing are other measurements
-    other = parse_config(config_text().replace("Delta_ms = 20.0", "Delta_ms = 21.0") + """
-[[sequence]]
-type = "pgse"
-name = "long"
-delta_ms = 5.0
-Delta_ms = 30.0
-b_s_per_mm2 = [0.0, 800.0]
-directions = [[0.0, 0.0, 1.0]]
-""")
+    other = parse_config(config_text().replace("Delta_ms = 20.0", "Delta_ms = 21.0") + LONG_SEQUENCE)
     with pytest.raises(InputError, match="mismatched signal tables: rows of sequence 0") as e:
         load_targets(path, other)
     assert e.value.field == "Delta_ms"
