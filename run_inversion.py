@@ -10,7 +10,7 @@ Same as `spinverse invert`; see README.md and docs/.
 
 import sys
 
-from spinverse_fem.cli import main as spinverse_main
+from spinverse_fem.cli.app import main as spinverse_main
 
 if __name__ == "__main__":
     sys.exit(spinverse_main(["invert", *sys.argv[1:]]))

@@ -35,11 +35,11 @@ def worker(n: int) -> dict:
     from mpi4py import MPI
 
     from spinverse_fem.config import parse_config
-    from spinverse_fem.eigenbasis import inertia_count, solve_eigenbasis
-    from spinverse_fem.forward import ForwardModel
-    from spinverse_fem.matrix_formalism import SequencePropagator
-    from spinverse_fem.problem import build_problem
-    from spinverse_fem.reduced_model import project
+    from spinverse_fem.forward.eigenbasis import inertia_count, solve_eigenbasis
+    from spinverse_fem.forward.model import ForwardModel
+    from spinverse_fem.forward.propagator import SequencePropagator
+    from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.forward.reduced_model import project
 
     comm = MPI.COMM_WORLD
     text = (HERE.parent / "examples" / "paper_torus.toml").read_text()
@@ -51,7 +51,7 @@ def worker(n: int) -> dict:
     t = {}
     comm.Barrier()
     t0 = time.perf_counter()
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     comm.Barrier()
     t["setup"] = time.perf_counter() - t0

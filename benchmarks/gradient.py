@@ -36,7 +36,7 @@ Part 3 (finite differences, same run): central differences in log kappa on 20 se
 Timing: each J or J + gradient call starts from an empty cache (the eigenbasis is recomputed);
 the best wall time of --repeats calls is kept (the machine may be shared) and its CPU time
 (summed over ranks) is reported beside it. The stage breakdown wraps the library's
-components (no library code is changed): the names that spinverse_fem.objective looks up
+components (no library code is changed): the names that spinverse_fem.inverse.misfit looks up
 (SequencePropagator, ComplementSolver, FaceSensitivity, apply) are replaced by timed
 subclasses / wrappers in the worker process only.
 """
@@ -134,12 +134,12 @@ class _Timer:
 
 
 def install_timers():
-    """Replace the names spinverse_fem.objective uses by timed equivalents (this process only)."""
-    import spinverse_fem.objective as om
-    from spinverse_fem import eigenbasis as eb
-    from spinverse_fem.complement_solver import ComplementSolver
-    from spinverse_fem.matrix_formalism import SequencePropagator
-    from spinverse_fem.sensitivity import FaceSensitivity
+    """Replace the names spinverse_fem.inverse.misfit uses by timed equivalents (this process only)."""
+    import spinverse_fem.inverse.misfit as om
+    from spinverse_fem.forward.model import eigenbasis as eb
+    from spinverse_fem.inverse.complement_solver import ComplementSolver
+    from spinverse_fem.forward.propagator import SequencePropagator
+    from spinverse_fem.fem.sensitivity import FaceSensitivity
 
     class TimedPropagator(SequencePropagator):
         def __init__(self, *a, **k):
@@ -380,16 +380,16 @@ def worker_scaling(n: int, repeats: int, fd: bool, cap: int = K_CAP) -> dict:
     from petsc4py import PETSc
 
     PETSc.Log.begin()
-    from spinverse_fem.forward import ForwardModel
-    from spinverse_fem.objective import SignalMisfit
-    from spinverse_fem.problem import build_problem
+    from spinverse_fem.forward.model import ForwardModel
+    from spinverse_fem.inverse.misfit import SignalMisfit
+    from spinverse_fem.geometry.phantom import build_phantom
 
     install_timers()
     comm = MPI.COMM_WORLD
     cfg = load_config(n)
     seq = next(s for s in cfg.sequences if s.name == "10/60")
     t0 = time.perf_counter()
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     wrap_model(model)
     F = problem.faces.num_faces
@@ -456,18 +456,18 @@ def worker_paper(repeats: int) -> dict:
     from petsc4py import PETSc
 
     PETSc.Log.begin()
-    from spinverse_fem.forward import ForwardModel
-    from spinverse_fem.matrix_formalism import SequencePropagator
-    from spinverse_fem.objective import SignalMisfit
-    from spinverse_fem.problem import build_problem
-    from spinverse_fem.reduced_model import project
+    from spinverse_fem.forward.model import ForwardModel
+    from spinverse_fem.forward.propagator import SequencePropagator
+    from spinverse_fem.inverse.misfit import SignalMisfit
+    from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.forward.reduced_model import project
 
     install_timers()
     comm = MPI.COMM_WORLD
     cfg = load_config(4)
     seqs = {s.name: s for s in cfg.sequences}
     s1060 = seqs["10/60"]
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     wrap_model(model)
     F = problem.faces.num_faces
@@ -484,7 +484,7 @@ def worker_paper(repeats: int) -> dict:
     kappa = np.ones(F)
     t = time.perf_counter()
     model.ops.set_kappa(kappa)
-    from spinverse_fem.eigenbasis import inertia_count
+    from spinverse_fem.forward.eigenbasis import inertia_count
 
     rule = inertia_count(model.ops.L, model.ops.M, model.lam_max)
     basis = model.eigenbasis(kappa, 520)

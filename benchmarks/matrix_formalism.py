@@ -1,4 +1,4 @@
-"""Benchmark of spinverse_fem.matrix_formalism on one core.
+"""Benchmark of spinverse_fem.forward.propagator on one core.
 
 Synthetic model: K modes with lam uniform on [0, 4.93] 1/ms; W_i = Phi_i^T diag(x) Phi_i with
 Phi_i the K lowest eigenvectors of a random-conductance 1-D Neumann Laplacian on 2K points of
@@ -38,7 +38,7 @@ import scipy.linalg  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spinverse_fem.matrix_formalism import SequencePropagator  # noqa: E402
+from spinverse_fem.forward.propagator import SequencePropagator  # noqa: E402
 
 BOX_UM = 27.0
 LAM_MAX = 4.93

@@ -238,19 +238,20 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     from dataclasses import replace
 
     from spinverse_fem.config import parse_config
-    from spinverse_fem.forward import ForwardModel
-    from spinverse_fem.interface import extract_interface
-    from spinverse_fem.inversion import Inversion
-    from spinverse_fem.objective import SignalMisfit
-    from spinverse_fem.problem import build_problem
-    from spinverse_fem.reference import simulate_reference
+    from spinverse_fem.inverse.curriculum import stages
+    from spinverse_fem.forward.model import ForwardModel
+    from spinverse_fem.evaluation.interface import extract_interface
+    from spinverse_fem.inverse.driver import Inversion
+    from spinverse_fem.inverse.misfit import SignalMisfit
+    from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.forward.synthetic import simulate_targets
 
     log = log or (lambda s: say(comm, s))
     t0 = time.perf_counter()
     cfg = parse_config(cfg_text, source=f"<{label}>")
     ref_cfg = replace(cfg, eigen=replace(cfg.eigen, max_modes=settings.reference_max_modes))
-    targets, s0, _ = simulate_reference(comm, ref_cfg)
-    problem = build_problem(cfg)
+    targets, s0, _ = simulate_targets(comm, ref_cfg)
+    problem = build_phantom(cfg)
     truth = problem.membrane
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     inv = Inversion(comm, cfg, problem, model, targets, s0, truth=truth, log=log)
@@ -263,20 +264,20 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     interface = extract_interface(kappa, cfg.inversion.threshold_um_per_ms, problem.active)
 
     # final misfits at the final kappa: one forward solve with the last stage's mode count
-    stages = cfg.stages()
-    used = sorted({i for st in stages for i in st.sequences})
+    run_stages = stages(cfg)
+    used = sorted({i for st in run_stages for i in st.sequences})
     mis = SignalMisfit(model, [cfg.sequences[i] for i in used], [targets[i] for i in used],
                        weight=cfg.inversion.misfit_weight, normalisation="reference",
                        s0_reference=[s0[i] for i in used], num_modes=state.modes[-1])
     sig = dict(zip(used, mis.signals(kappa)))
     w = cfg.inversion.misfit_weight
     per_seq = {cfg.sequences[i].name: _misfit_value([sig[i]], [targets[i]], w) for i in used}
-    last = stages[-1].sequences
+    last = run_stages[-1].sequences
     misfit_last = _misfit_value([sig[i] for i in last], [targets[i] for i in last], w)
     misfit_joint = _misfit_value([sig[i] for i in used], [targets[i] for i in used], w)
 
     history = {k: [float(x) for x in state.history[k]] for k in HISTORY_KEYS}
-    final_row = dict(stage=float(len(stages) - 1), iteration=float(state.global_iteration),
+    final_row = dict(stage=float(len(run_stages) - 1), iteration=float(state.global_iteration),
                      misfit=misfit_last, continuity=np.nan, manifold=np.nan, total=np.nan,
                      manifold_weight=np.nan, cd_l2=metrics.get("cd_l2", np.nan),
                      bad_edge_pct=metrics.get("bad_edge_pct", np.nan),
@@ -289,7 +290,7 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
                 misfit_per_sequence=per_seq, modes=[int(m) for m in state.modes],
                 iterations=int(state.global_iteration), seconds=t2 - t1,
                 seconds_total=time.perf_counter() - t0,
-                stages=[[cfg.sequences[i].name for i in st.sequences] for st in stages],
+                stages=[[cfg.sequences[i].name for i in st.sequences] for st in run_stages],
                 history=history)
 
 

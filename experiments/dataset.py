@@ -76,8 +76,8 @@ _GRID_CACHE = {}
 def grid_and_faces():
     """(paper_grid(), its canonical FaceTable), cached."""
     if not _GRID_CACHE:
-        from meshes.paper import paper_grid
-        from spinverse_fem.topology import build_face_table
+        from spinverse_fem.meshes.paper import paper_grid
+        from spinverse_fem.geometry.topology import build_face_table
 
         g = paper_grid()
         _GRID_CACHE["v"] = (g, build_face_table(g.tets, g.num_vertices))
@@ -88,8 +88,8 @@ def inside_from_membrane(table, membrane: np.ndarray) -> np.ndarray | None:
     """(T,) inside tets enclosed by a membrane (F,) bool: the sealed compartments (regions not
     reaching a non-membrane outer face). None if their membrane is not exactly `membrane` (the
     membrane then does not enclose a region)."""
-    from meshes.shapes import membrane_faces
-    from spinverse_fem.compartments import sealed_compartments
+    from spinverse_fem.meshes.shapes import membrane_faces
+    from spinverse_fem.evaluation.compartments import sealed_compartments
 
     inside = np.zeros(table.tet_faces.shape[0], dtype=bool)
     for c in sealed_compartments(table, membrane):
@@ -100,7 +100,7 @@ def inside_from_membrane(table, membrane: np.ndarray) -> np.ndarray | None:
 
 
 def _closed_manifold(table, membrane) -> bool:
-    from meshes.shapes import is_closed_manifold
+    from spinverse_fem.meshes.shapes import is_closed_manifold
 
     return is_closed_manifold(table, membrane)
 
@@ -108,7 +108,7 @@ def _closed_manifold(table, membrane) -> bool:
 # -- the two versions of the data set --------------------------------------------------------------
 
 def _family_of(path: Path) -> str:
-    from meshes.paper import _FILE_KEYS
+    from spinverse_fem.meshes.paper import _FILE_KEYS
 
     for tag, key in _FILE_KEYS.items():
         if tag in path.name:
@@ -118,7 +118,7 @@ def _family_of(path: Path) -> str:
 
 def paper_ground_truths() -> list[GroundTruth]:
     """The paper's 20 files, in list_paper_meshes() order."""
-    from meshes.paper import list_paper_meshes, load_paper_ground_truth
+    from spinverse_fem.meshes.paper import list_paper_meshes, load_paper_ground_truth
 
     g, table = grid_and_faces()
     out = []
@@ -140,7 +140,7 @@ def paper_ground_truths() -> list[GroundTruth]:
 
 
 def _analytic_geometry_toml(key: str) -> str:
-    from meshes.paper import paper_shape
+    from spinverse_fem.meshes.paper import paper_shape
 
     s = paper_shape(key)
     c = toml_vector(s.center_um)
@@ -163,8 +163,8 @@ def _axon_geometry_toml(axon) -> str:
 
 def generated_ground_truths() -> list[GroundTruth]:
     """The regenerated set (see the module docstring), same order as the paper's files."""
-    from meshes.paper import list_paper_meshes, paper_shape, random_paper_axon
-    from meshes.shapes import inside_tets, membrane_faces
+    from spinverse_fem.meshes.paper import list_paper_meshes, paper_shape, random_paper_axon
+    from spinverse_fem.meshes.shapes import inside_tets, membrane_faces
 
     g, table = grid_and_faces()
     out = []
@@ -215,7 +215,7 @@ def config_texts(source: str = "paper", settings: Settings | None = None,
 def _equal_to_file(gt: GroundTruth) -> str:
     if gt.paper_file is None:
         return "-"
-    from meshes.paper import load_paper_ground_truth
+    from spinverse_fem.meshes.paper import load_paper_ground_truth
 
     _, table = grid_and_faces()
     fgrid, _ = load_paper_ground_truth(gt.paper_file)
@@ -226,12 +226,12 @@ def _equal_to_file(gt: GroundTruth) -> str:
 
 
 def _validate_config(gt: GroundTruth) -> bool:
-    """build_problem of the ground truth's configuration gives exactly its membrane."""
+    """build_phantom of the ground truth's configuration gives exactly its membrane."""
     from spinverse_fem.config import parse_config
-    from spinverse_fem.problem import build_problem
+    from spinverse_fem.geometry.phantom import build_phantom
 
     _, table = grid_and_faces()
-    problem = build_problem(parse_config(gt.config_text(), source=f"<{gt.name}>"))
+    problem = build_phantom(parse_config(gt.config_text(), source=f"<{gt.name}>"))
     return (np.array_equal(problem.faces.faces, table.faces)
             and np.array_equal(problem.membrane, gt.membrane))
 
@@ -249,7 +249,7 @@ def report(paper: list[GroundTruth], generated: list[GroundTruth]) -> str:
     lines = ["# The ablation's 20 ground truths (bcc n = 4 grid, 576 tets, 1296 faces)\n",
              "Written by `experiments/dataset.py`. Inside tets: the region the membrane "
              "encloses; membrane faces: all of them (of which on the outer surface); config ok: "
-             "`build_problem` of the ground truth's run configuration gives exactly this "
+             "`build_phantom` of the ground truth's run configuration gives exactly this "
              "membrane.\n",
              "## The paper's files (default data set)\n"]
     lines.append(markdown_table(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshes.grid import Grid, orient_positively
+from spinverse_fem.meshes.grid import Grid, orient_positively
 
 
 def bcc_grid(cubes: int, cube_um: float, center_um=(0.0, 0.0, 0.0)) -> Grid:

@@ -16,7 +16,7 @@ from itertools import permutations
 
 import numpy as np
 
-from meshes.grid import Grid, orient_positively
+from spinverse_fem.meshes.grid import Grid, orient_positively
 
 
 def box_grid(lower_um, upper_um, cells) -> Grid:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.topology import TET_FACE_VERTICES, FaceTable
+from spinverse_fem.geometry.topology import TET_FACE_VERTICES, FaceTable
 
 # A tet counts as degenerate when |6 V| <= _DEGENERATE_RTOL * (longest edge)^3. A regular tet
 # has 6 V / L^3 = 0.71, so this only flags tets flattened to round-off.

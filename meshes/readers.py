@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshes.grid import Grid
+from spinverse_fem.meshes.grid import Grid
 from spinverse_fem.errors import InputError
 
 # meshio cell types we recognise; higher-order variants are rejected explicitly.

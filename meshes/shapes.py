@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshes.grid import Grid
-from spinverse_fem.topology import FaceTable, build_edge_table
+from spinverse_fem.meshes.grid import Grid
+from spinverse_fem.geometry.topology import FaceTable, build_edge_table
 
 _AXES = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
 

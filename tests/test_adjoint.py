@@ -16,12 +16,12 @@ import pytest
 import scipy.linalg
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward import ForwardModel
-from spinverse_fem.matrix_formalism import SequencePropagator
-from spinverse_fem.objective import SignalMisfit
-from spinverse_fem.problem import build_problem
-from spinverse_fem.protocol import Sequence, fibonacci_directions
-from spinverse_fem.taylor import taylor_test
+from spinverse_fem.forward.model import ForwardModel
+from spinverse_fem.forward.propagator import SequencePropagator
+from spinverse_fem.inverse.misfit import SignalMisfit
+from spinverse_fem.geometry.phantom import build_phantom
+from spinverse_fem.config.protocol import Sequence, fibonacci_directions
+from spinverse_fem.inverse.taylor import taylor_test
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = Sequence.pgse(10.0, 20.0, [0.0, 1000.0, 3000.0], fibonacci_directions(6))
@@ -33,7 +33,7 @@ def paper_model(comm, outer="robin"):
     text = (ROOT / "examples" / "paper_torus.toml").read_text()
     text = text.replace('outer = "robin"', f'outer = "{outer}"')
     cfg = parse_config(text, base_dir=ROOT / "examples")
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     return ForwardModel(comm, problem, cfg.physics, cfg.eigen), problem
 
 
@@ -59,7 +59,7 @@ Delta_ms = 10.0
 b_s_per_mm2 = [1000.0]
 directions = [[1.0, 0.0, 0.0]]
 """)
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     return ForwardModel(comm, problem, cfg.physics, cfg.eigen), problem
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from cli_helpers import run_cli
 
-from meshes.box import box_grid
+from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.config import parse_config
 from spinverse_fem.errors import InputError
-from spinverse_fem.kappa_io import write_kappa
-from spinverse_fem.protocol import Sequence
-from spinverse_fem.signals_io import table_from_sequences, write_signal_table
-from spinverse_fem.targets import load_targets
+from spinverse_fem.io.kappa import write_kappa
+from spinverse_fem.config.protocol import Sequence
+from spinverse_fem.io.signals import table_from_sequences, write_signal_table
+from spinverse_fem.io.targets import load_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plane_box.toml"
@@ -270,9 +270,9 @@ def test_load_targets_splits_rows_per_sequence(tmp_path):
 
 
 def _tiny_full_model(comm, outer):
-    from spinverse_fem.face_space import create_face_space
-    from spinverse_fem.full_order import FullOrderModel
-    from spinverse_fem.operators import BlochTorreyOperators
+    from spinverse_fem.fem.face_space import create_face_space
+    from spinverse_fem.forward.full_order import FullOrderModel
+    from spinverse_fem.fem.operators import BlochTorreyOperators
 
     g = box_grid([0.0, 0.0, 0.0], [10.0, 8.0, 6.0], (2, 2, 1))
     space = create_face_space(comm, g.points, g.tets)
@@ -294,7 +294,7 @@ def test_full_order_misfit_value_by_hand(comm, normalisation):
     """Reference: J assembled by hand from FullOrderModel.signals of each sequence and, for
     "own", of a separate b = 0 PGSE/waveform sequence with the same timing (not the appended
     row the misfit uses)."""
-    from spinverse_fem.objective_full import FullOrderMisfit
+    from spinverse_fem.inverse.misfit_full import FullOrderMisfit
 
     model, kappa = _tiny_full_model(comm, "robin")
     s0_ref = [450.0, 470.0]
@@ -320,8 +320,8 @@ def test_full_order_misfit_value_by_hand(comm, normalisation):
 def test_full_order_misfit_taylor(comm, normalisation, outer):
     """Reference: Taylor remainders of FullOrderMisfit.objective in a seeded log-kappa direction
     (second order, rate >= 1.9, only for the exact gradient incl. the S0 sensitivity)."""
-    from spinverse_fem.objective_full import FullOrderMisfit
-    from spinverse_fem.taylor import taylor_test
+    from spinverse_fem.inverse.misfit_full import FullOrderMisfit
+    from spinverse_fem.inverse.taylor import taylor_test
 
     model, kappa = _tiny_full_model(comm, outer)
     misfit = FullOrderMisfit(model, SEQS, TARGETS, weight=100.0, normalisation=normalisation,
@@ -344,7 +344,7 @@ def test_taylor_command_exit_1_for_a_wrong_gradient(comm, tmp_path, monkeypatch,
     """Reference: the command's own pass rule; a gradient scaled by 1.5 (through the misfit the
     command uses) must give first-order remainders and exit code 1, the exact one exit code 0."""
     from spinverse_fem import cli
-    from spinverse_fem.objective import SignalMisfit
+    from spinverse_fem.inverse.misfit import SignalMisfit
 
     d = Path(comm.bcast(str(tmp_path), root=0))     # rank 0's folder, shared by every rank
     if comm.rank == 0:

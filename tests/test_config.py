@@ -9,7 +9,8 @@ import pytest
 
 from spinverse_fem.config import GeometryConfig, Stage, load_config, parse_config
 from spinverse_fem.errors import InputError
-from spinverse_fem.protocol import Sequence, fibonacci_directions
+from spinverse_fem.config.protocol import Sequence, fibonacci_directions
+from spinverse_fem.inverse.curriculum import stages
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -102,7 +103,7 @@ def test_paper_torus_example():
         np.testing.assert_array_equal(s.directions[:30], fibonacci_directions(30))
     # long_to_short: 10/60, 10/20, then 5/6 ms (the paper's staged preset stops after 10/20);
     # manifold weight 4 (the paper's 2 leaves BadEdge at 11 % on this example)
-    assert c.stages() == tuple(Stage((i,), 200, 2.0, 4.0) for i in (2, 1, 0))
+    assert stages(c) == tuple(Stage((i,), 200, 2.0, 4.0) for i in (2, 1, 0))
 
 
 @pytest.mark.parametrize("name", ["paper_torus_camino.toml", "paper_torus_fsl.toml"])
@@ -167,7 +168,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
     a camino file with several timings gives several sequences, prefixed by `name`."""
     sub = tmp_path / "cfg"
     sub.mkdir()
-    from spinverse_fem.protocol import write_camino_scheme
+    from spinverse_fem.config.protocol import write_camino_scheme
 
     write_camino_scheme(
         sub / "two.scheme",
@@ -374,27 +375,27 @@ HEAD = BASE.split("[[sequence]]")[0]
 def test_staged_picks_10_60_then_10_20():
     """staged: the 10/60 ms sequence (index 1 here) alone, then 10/20 ms (index 2)."""
     c = parse_config(HEAD + PAPER_SEQS + "\n[inversion]\niterations_per_stage = 7\ncontinuity_weight = 0.5\n")
-    assert c.stages() == (Stage((1,), 7, 0.5, 2.0), Stage((2,), 7, 0.5, 2.0))
+    assert stages(c) == (Stage((1,), 7, 0.5, 2.0), Stage((2,), 7, 0.5, 2.0))
 
 
 def test_split_uses_both_jointly():
     """split: the same two sequences together in every stage, as many stages as staged."""
     c = parse_config(HEAD + PAPER_SEQS + "\n[inversion]\ncurriculum = 'split'\n")
-    assert c.stages() == (Stage((1, 2), 200, 2.0, 2.0),) * 2
+    assert stages(c) == (Stage((1, 2), 200, 2.0, 2.0),) * 2
 
 
 def test_long_to_short_runs_every_sequence_by_diffusion_time():
     """long_to_short: one stage per sequence, Delta - delta/3 decreasing: 10/60 (56.7 ms,
     index 1), 10/20 (16.7 ms, index 2), 5/6 (4.3 ms, index 0)."""
     c = parse_config(HEAD + PAPER_SEQS + "\n[inversion]\ncurriculum = 'long_to_short'\niterations_per_stage = 9\n")
-    assert c.stages() == (Stage((1,), 9, 2.0, 2.0), Stage((2,), 9, 2.0, 2.0), Stage((0,), 9, 2.0, 2.0))
+    assert stages(c) == (Stage((1,), 9, 2.0, 2.0), Stage((2,), 9, 2.0, 2.0), Stage((0,), 9, 2.0, 2.0))
     # diffusion time, not Delta, decides: 30/40 (30 ms) comes after 5/32 (30.3 ms)
     seqs = "".join(
         f'\n[[sequence]]\ntype = "pgse"\ndelta_ms = {d}\nDelta_ms = {D}\nb_s_per_mm2 = [0.0]\nfibonacci = 1\n'
         for d, D in [(30.0, 40.0), (5.0, 32.0)]
     )
     c = parse_config(HEAD + seqs + "\n[inversion]\ncurriculum = 'long_to_short'\n")
-    assert [s.sequences for s in c.stages()] == [(1,), (0,)]
+    assert [s.sequences for s in stages(c)] == [(1,), (0,)]
 
 
 def test_staged_fallback_longest_delta_first():
@@ -404,14 +405,14 @@ def test_staged_fallback_longest_delta_first():
         f'\n[[sequence]]\ntype = "pgse"\ndelta_ms = {d}\nDelta_ms = {D}\nb_s_per_mm2 = [0.0]\nfibonacci = 1\n'
         for d, D in [(5.0, 30.0), (8.0, 25.0), (10.0, 40.0)]
     )
-    assert parse_config(HEAD + seqs).stages() == (Stage((2,), 200, 2.0, 2.0), Stage((0,), 200, 2.0, 2.0))
+    assert stages(parse_config(HEAD + seqs)) == (Stage((2,), 200, 2.0, 2.0), Stage((0,), 200, 2.0, 2.0))
     one = HEAD + '[[sequence]]\ntype = "pgse"\ndelta_ms = 5.0\nDelta_ms = 30.0\nb_s_per_mm2 = [0.0]\nfibonacci = 1\n'
-    assert parse_config(one).stages() == (Stage((0,), 200, 2.0, 2.0),)
+    assert stages(parse_config(one)) == (Stage((0,), 200, 2.0, 2.0),)
 
 
 def test_staged_finds_paper_timings_under_other_names():
     """BASE names its sequences 'long' (10/60) and 'short' (10/20): found by timing."""
-    assert [s.sequences for s in parse_config(BASE).stages()] == [(0,), (1,)]
+    assert [s.sequences for s in stages(parse_config(BASE))] == [(0,), (1,)]
 
 
 def test_custom_stages():
@@ -429,14 +430,14 @@ iterations = 30
 continuity_weight = 0.0
 """
     c = parse_config(text)
-    assert c.stages() == (Stage((1, 0), 50, 2.0, 1.5), Stage((1,), 30, 0.0, 1.5))
+    assert stages(c) == (Stage((1, 0), 50, 2.0, 1.5), Stage((1,), 30, 0.0, 1.5))
 
 
 def test_inside_rule_centroid_builds_the_centroid_membrane():
     """Reference: the torus inside test (sqrt(x^2 + y^2) - R)^2 + z^2 < r^2 written out here on
     the tet centroids / all 4 vertices, and faces with exactly one inside neighbour counted
     from the face table's cells. The centroid rule must give a different, larger region."""
-    from spinverse_fem.problem import build_problem
+    from spinverse_fem.geometry.phantom import build_phantom
 
     base = (EXAMPLES / "paper_torus.toml").read_text()
     rules = {}
@@ -444,7 +445,7 @@ def test_inside_rule_centroid_builds_the_centroid_membrane():
         text = base.replace("minor_radius_um = 6.0", f'minor_radius_um = 6.0\ninside_rule = "{rule}"')
         cfg = parse_config(text)
         assert cfg.geometry.inside_rule == rule
-        pb = build_problem(cfg)
+        pb = build_phantom(cfg)
         p = pb.grid.points
 
         def inside(q):

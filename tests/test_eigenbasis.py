@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from meshes.box import box_grid
-from spinverse_fem.eigenbasis import inertia_count, solve_eigenbasis
-from spinverse_fem.face_space import create_face_space
-from spinverse_fem.operators import BlochTorreyOperators
+from spinverse_fem.meshes.box import box_grid
+from spinverse_fem.forward.eigenbasis import inertia_count, solve_eigenbasis
+from spinverse_fem.fem.face_space import create_face_space
+from spinverse_fem.fem.operators import BlochTorreyOperators
 
 
 def box_operators(comm, cells=(4, 2, 2)):
@@ -36,7 +36,7 @@ def test_sealed_cells_give_complete_zero_cluster(comm, monkeypatch):
     """Reference: with kappa = 0 on every face each of the T tetrahedra is a sealed compartment,
     so exactly T eigenvalues are 0 (constants per cell). Krylov-Schur tends to drop members of
     such a cluster; the inertia check must make the returned basis complete (repair) or fail."""
-    import spinverse_fem.eigenbasis as eb
+    import spinverse_fem.forward.eigenbasis as eb
 
     solves = []
     original = eb._solve_eps

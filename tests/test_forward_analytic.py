@@ -9,8 +9,8 @@ from references.membrane1d import plane_membrane_box_signal
 from references.slab import box_pgse_signal, slab_pgse_signal
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward import ForwardModel
-from spinverse_fem.problem import build_problem
+from spinverse_fem.forward.model import ForwardModel
+from spinverse_fem.geometry.phantom import build_phantom
 
 DIRECTIONS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]]
 B_VALUES = [0.0, 500.0, 1000.0, 2000.0]
@@ -45,7 +45,7 @@ directions = {directions}
 
 def simulate(comm, text):
     cfg = parse_config(text)
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     _, system = model.reduce(problem.kappa)
     return cfg, model.normalised_signals(system, cfg.sequences)[0]

@@ -1,4 +1,4 @@
-"""Tests of interface extraction and PLY input/output (spinverse_fem.interface)."""
+"""Tests of interface extraction and PLY input/output (spinverse_fem.evaluation.interface)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.interface import extract_interface, read_ply, write_ply
-from spinverse_fem.metrics import chamfer_l2
+from spinverse_fem.evaluation.interface import extract_interface, read_ply, write_ply
+from spinverse_fem.evaluation.metrics import chamfer_l2
 
 MESH_DIR = "/work/shared/data/paper_meshes"
 FILES = sorted(glob.glob(f"{MESH_DIR}/*.npz"))

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward import ForwardModel
-from spinverse_fem.inverse_problem import FaceParameters, InverseProblem, PriorWeights
-from spinverse_fem.inversion import Inversion
-from spinverse_fem.objective import SignalMisfit
-from spinverse_fem.optimisers import Adam
-from spinverse_fem.priors import GeometricPriors
-from spinverse_fem.problem import build_problem
-from spinverse_fem.reference import simulate_reference
+from spinverse_fem.forward.model import ForwardModel
+from spinverse_fem.inverse.model import FaceParameters, InverseProblem, PriorWeights
+from spinverse_fem.inverse.driver import Inversion
+from spinverse_fem.inverse.misfit import SignalMisfit
+from spinverse_fem.inverse.optimisers import Adam
+from spinverse_fem.inverse.priors import GeometricPriors
+from spinverse_fem.geometry.phantom import build_phantom
+from spinverse_fem.forward.synthetic import simulate_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,8 @@ def test_full_objective_taylor(comm):
     """Reference: Taylor remainders of misfit + continuity + manifold in x = log10 kappa
     (second order, rate >= 1.9)."""
     cfg = sphere_config()
-    problem = build_problem(cfg)
-    targets, s0, _ = simulate_reference(comm, cfg)
+    problem = build_phantom(cfg)
+    targets, s0, _ = simulate_targets(comm, cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     misfit = SignalMisfit(model, [cfg.sequences[0]], [targets[0]], weight=100.0,
                           normalisation="reference", s0_reference=[s0[0]], num_modes=40)
@@ -105,8 +105,8 @@ def test_full_objective_taylor(comm):
 
 
 def run_inversion(comm, cfg, checkpoint=None, state=None):
-    problem = build_problem(cfg)
-    targets, s0, _ = simulate_reference(comm, cfg)
+    problem = build_phantom(cfg)
+    targets, s0, _ = simulate_targets(comm, cfg)
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     inv = Inversion(comm, cfg, problem, model, targets, s0, truth=problem.membrane,
                     log=lambda s: None)
@@ -185,8 +185,8 @@ def test_resume_after_kill_gives_same_kappa(tmp_path):
     # metrics.json's CD-L2 against an independent recomputation from the PLY file
     import json
 
-    from spinverse_fem.interface import read_ply
-    from spinverse_fem.metrics import chamfer_l2
+    from spinverse_fem.evaluation.interface import read_ply
+    from spinverse_fem.evaluation.metrics import chamfer_l2
 
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     pts, tris = read_ply(tmp_path / "a" / "interface.ply")

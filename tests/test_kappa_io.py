@@ -1,4 +1,4 @@
-"""Per-face kappa files (spinverse_fem.kappa_io): round trip and every refusal.
+"""Per-face kappa files (spinverse_fem.io.kappa): round trip and every refusal.
 
 References: the arrays written (round trip is bit-exact), the canonical face table of the grid
 (topology.build_face_table, independent of the file) and the issue's list of bad files, each of
@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
-from meshes.box import box_grid
+from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.errors import InputError
-from spinverse_fem.kappa_io import read_kappa, write_kappa
-from spinverse_fem.topology import build_face_table
+from spinverse_fem.io.kappa import read_kappa, write_kappa
+from spinverse_fem.geometry.topology import build_face_table
 
 
 @pytest.fixture(scope="module")

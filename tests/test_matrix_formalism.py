@@ -1,4 +1,4 @@
-"""Tests of spinverse_fem.matrix_formalism (dense Bloch-Torrey propagation and its reverse mode).
+"""Tests of spinverse_fem.forward.propagator (dense Bloch-Torrey propagation and its reverse mode).
 
 Independent references: scipy.linalg.expm products per measurement; the closed-form slab
 model of tests/references/slab.py; closed-form limits (q = 0, one mode); the published
@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 
 from references.slab import slab_eigenvalues, slab_moment_matrix, slab_waveform_signal
-from spinverse_fem.matrix_formalism import (
+from spinverse_fem.forward.propagator import (
     SequencePropagator,
     choose_taylor_parameters,
     exp_divided_differences,

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshes.bcc import bcc_grid
-from meshes.box import box_grid
-from meshes.grid import Grid, membrane_mask, validate_grid
-from meshes.paper import (list_paper_meshes, load_paper_ground_truth, paper_grid,
+from spinverse_fem.meshes.bcc import bcc_grid
+from spinverse_fem.meshes.box import box_grid
+from spinverse_fem.meshes.grid import Grid, membrane_mask, validate_grid
+from spinverse_fem.meshes.paper import (list_paper_meshes, load_paper_ground_truth, paper_grid,
                           paper_meshes_dir, paper_shape, random_paper_axon)
-from meshes.readers import read_grid
-from meshes.shapes import (BentAxon, Cylinder, Plane, Sphere, Torus, TwoAxons, catmull_rom,
+from spinverse_fem.meshes.readers import read_grid
+from spinverse_fem.meshes.shapes import (BentAxon, Cylinder, Plane, Sphere, Torus, TwoAxons, catmull_rom,
                            distance_to_polyline, inside_tets, is_closed_manifold,
                            membrane_faces)
 from spinverse_fem.errors import InputError
-from spinverse_fem.topology import build_face_table
+from spinverse_fem.geometry.topology import build_face_table
 
 A_PAPER = 20.0 / 3.0
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of the reconstruction metrics (spinverse_fem.metrics)."""
+"""Tests of the reconstruction metrics (spinverse_fem.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import glob
 import numpy as np
 import pytest
 
-from spinverse_fem.metrics import (chamfer_l2, edge_statistics, evaluate, face_scores,
+from spinverse_fem.evaluation.metrics import (chamfer_l2, edge_statistics, evaluate, face_scores,
                                    sample_area)
 
 MESH_DIR = "/work/shared/data/paper_meshes"

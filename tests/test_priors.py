@@ -1,4 +1,4 @@
-"""Tests of the geometric priors (spinverse_fem.priors) on the paper's n = 4 grid."""
+"""Tests of the geometric priors (spinverse_fem.inverse.priors) on the paper's n = 4 grid."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from spinverse_fem.priors import GeometricPriors, manifold_penalty
-from spinverse_fem.topology import build_face_table
+from spinverse_fem.inverse.priors import GeometricPriors, manifold_penalty
+from spinverse_fem.geometry.topology import build_face_table
 
 MESH_DIR = "/work/shared/data/paper_meshes"
 T = 0.1

@@ -9,7 +9,7 @@ import pytest
 from scipy.integrate import quad
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.protocol import (
+from spinverse_fem.config.protocol import (
     Sequence,
     fibonacci_directions,
     read_camino_scheme,

@@ -4,9 +4,9 @@ same semi-discrete system: the truncation error must fall as the length scale l 
 import numpy as np
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward import ForwardModel
-from spinverse_fem.full_order import FullOrderModel
-from spinverse_fem.problem import build_problem
+from spinverse_fem.forward.model import ForwardModel
+from spinverse_fem.forward.full_order import FullOrderModel
+from spinverse_fem.geometry.phantom import build_phantom
 
 CONFIG = """
 [grid]
@@ -38,7 +38,7 @@ def test_truncation_error_falls_with_length_scale(comm):
     (time error ~1e-8). Reduced-model errors for l = 4, 2, 1 um must decrease monotonically and
     reach 1e-4 at l = 1 um."""
     cfg = parse_config(CONFIG)
-    problem = build_problem(cfg)
+    problem = build_phantom(cfg)
     seq = cfg.sequences[0]
     model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     model.ops.set_kappa(problem.kappa)

@@ -12,7 +12,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_adjoint import SEQ, WAVE, paper_model, perturbed  # noqa: E402
 
-from spinverse_fem.objective import SignalMisfit  # noqa: E402
+from spinverse_fem.inverse.misfit import SignalMisfit  # noqa: E402
 
 comm = MPI.COMM_WORLD
 model, problem = paper_model(comm)

@@ -1,0 +1,346 @@
+"""Command line for the misfit and its adjoint gradient: `spinverse objective` and
+`spinverse taylor` (run under mpirun as is).
+
+    spinverse objective CONFIG.toml --target signals.h5 [--kappa kappa.h5]
+                        [--model reduced|full] [--sequences NAME ...] [--modes K] --out result.h5
+    spinverse taylor    CONFIG.toml --target signals.h5 [--kappa kappa.h5]
+                        [--model reduced|full] [--sequences NAME ...] [--modes K]
+                        [--seed 0] [--h0 1e-2] [--halvings 4] [--json out.json]
+
+The misfit is the configuration's: J = w / N sum_c |S_c / S0 - T_c|^2 with w =
+inversion.misfit_weight and S0 per inversion.normalisation ("reference": the target file's b = 0
+signal s0_um3; "own": the model's own b = 0 signal). The targets T are the rows of a signal table
+written by `spinverse simulate` for the same sequences (checked row by row). Without --kappa the
+starting point is inversion.start_um_per_ms on every face; a kappa file (kappa_io) must belong
+to the configuration's grid (faces and vertices are checked). `objective`'s output file holds
+kappa_um_per_ms, faces and vertices too, so it is itself a valid --kappa file.
+
+`objective` writes (rank 0, atomically): objective (scalar J), gradient (F,) dJ/dkappa in
+1/(um/ms), gradient_log10 (F,) dJ/dlog10(kappa) = ln(10) kappa dJ/dkappa, kappa_um_per_ms (F,),
+faces (F, 3), vertices (V, 3) um, active (F,) int8 (faces whose kappa enters the model; the
+gradient is 0 elsewhere), all in canonical face order; attributes model, normalisation, modes
+(K; 0 for the full model, which records time_step_ms instead), misfit_weight, sequences (JSON),
+counters (JSON), config (TOML text), target, kappa_source, ranks, seconds, units.
+`taylor` prints h, |J(h) - J(0)| (first order), |J(h) - J(0) - h <kappa dJ/dkappa, d>| (second
+order) and their observed rates for a seeded standard-normal direction d in log kappa, and exits
+with 0 if the smallest second-order rate is >= 1.9, else 1; --json writes the same numbers.
+
+Reduced model: the mode count K is fixed for the whole run (J is smooth only at fixed K): --modes
+if given, else the model's rule ([eigen] length scale / num_modes, cap, moved down to a spectral
+gap) evaluated at the evaluation kappa. Full model: Crank-Nicolson with [full_order] time_step_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from spinverse_fem.errors import InputError
+from spinverse_fem.parallel import say, world
+
+MODELS = ("reduced", "full")
+TAYLOR_MIN_RATE = 1.9
+
+
+# -- shared set-up ---------------------------------------------------------------------------------
+
+class Evaluation:
+    """Everything one command needs: the problem, the kappa to evaluate at and the misfit.
+
+    misfit: objective.SignalMisfit or objective_full.FullOrderMisfit; kappa (F,) um/ms;
+    modes: fixed reduced mode count K (0 for the full model); names: active sequence names.
+    """
+
+    def __init__(self, args, comm):
+        from spinverse_fem.config import load_config
+        from spinverse_fem.forward.model import ForwardModel
+        from spinverse_fem.io.kappa import read_kappa
+        from spinverse_fem.geometry.phantom import build_phantom
+        from spinverse_fem.io.targets import load_targets
+
+        self.comm = comm
+        self.model_name = args.model
+        cfg = self.cfg = load_config(args.config)
+        idx = _sequence_indices(cfg, args.sequences, str(args.config))
+        targets, s0 = load_targets(args.target, cfg)
+        inv = cfg.inversion
+        self.normalisation = inv.normalisation
+        if self.normalisation == "reference" and s0 is None:
+            raise InputError(str(args.target), "s0_um3", "missing: inversion.normalisation = "
+                             "\"reference\" needs the reference b = 0 signal of every sequence "
+                             "(written by `spinverse simulate`); or use normalisation = \"own\"")
+        self.sequences = [cfg.sequences[i] for i in idx]
+        self.names = [s.name for s in self.sequences]
+        targets = [targets[i] for i in idx]
+        s0 = None if s0 is None else [s0[i] for i in idx]
+        self.problem = problem = build_phantom(cfg)
+        faces, points = problem.faces.faces, problem.grid.points
+        if args.kappa is not None:
+            self.kappa = read_kappa(args.kappa, faces, points)
+            self.kappa_source = str(args.kappa)
+        else:
+            self.kappa = np.full(problem.faces.num_faces, float(inv.start_um_per_ms))
+            self.kappa_source = f"inversion.start_um_per_ms = {inv.start_um_per_ms:g}"
+        self.forward = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
+        self._full = None
+        self.time_step_ms = None
+        common = dict(weight=inv.misfit_weight, normalisation=self.normalisation,
+                      s0_reference=s0)
+        if args.model == "full":
+            from spinverse_fem.forward.full_order import FullOrderModel
+            from spinverse_fem.inverse.misfit_full import FullOrderMisfit
+
+            self.time_step_ms = cfg.full_order.time_step_ms
+            self._full = FullOrderModel(self.forward.ops, self.time_step_ms)
+            self.misfit = FullOrderMisfit(self._full, self.sequences, targets, **common)
+            self.modes = 0
+        else:
+            from spinverse_fem.inverse.misfit import SignalMisfit
+
+            self.misfit = SignalMisfit(self.forward, self.sequences, targets,
+                                       num_modes=args.modes, **common)
+            self.modes = self._fix_mode_count()
+
+    def _fix_mode_count(self) -> int:
+        """Solve at the evaluation kappa with the model's rule (or --modes), then freeze K."""
+        self.misfit.objective(self.kappa)
+        state = getattr(self.misfit, "_state", None)
+        basis = state.get("basis") if isinstance(state, dict) else None
+        if basis is None:  # (the misfit keeps its basis privately; fall back to a fresh solve)
+            basis = self.forward.eigenbasis(self.kappa, self.misfit.num_modes)
+        self.misfit.num_modes = int(basis.num_modes)
+        return int(basis.num_modes)
+
+    def describe(self) -> str:
+        m = (f"reduced model, {self.modes} modes" if self.model_name == "reduced"
+             else f"full-order model, time step {self.time_step_ms:g} ms")
+        n = sum(s.num_measurements for s in self.sequences)
+        return (f"{m}; normalisation {self.normalisation}; sequences {', '.join(self.names)} "
+                f"({n} measurements); {self.problem.faces.num_faces} faces; "
+                f"{self.comm.size} rank(s)")
+
+    def counters(self) -> dict:
+        return asdict(self.misfit.counters)
+
+    def destroy(self) -> None:
+        if self._full is not None:
+            self._full.destroy()
+            self._full = None
+
+
+def _sequence_indices(cfg, names, source: str) -> list[int]:
+    if not names:
+        return list(range(len(cfg.sequences)))
+    out = []
+    for name in names:
+        try:
+            i = cfg.sequence_index(name)
+        except KeyError:
+            raise InputError(source, "--sequences", f"no sequence named {name!r}; the config "
+                             f"has {[s.name for s in cfg.sequences]}") from None
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML configuration")
+    p.add_argument("--target", required=True,
+                   help="target signal table (HDF5, as written by `spinverse simulate`)")
+    p.add_argument("--kappa", default=None,
+                   help="per-face kappa file (HDF5: kappa_um_per_ms, faces, vertices); "
+                        "default inversion.start_um_per_ms on every face")
+    p.add_argument("--model", choices=MODELS, default="reduced",
+                   help="reduced eigenbasis model (default) or full-order Crank-Nicolson")
+    p.add_argument("--sequences", nargs="+", metavar="NAME", default=None,
+                   help="names of the sequences in the misfit (default: all)")
+    p.add_argument("--modes", type=_positive_int, default=None,
+                   help="reduced model only (ignored by --model full): fixed mode count "
+                        "(default: the [eigen] rule at the evaluation kappa)")
+
+
+# -- objective -------------------------------------------------------------------------------------
+
+def cmd_objective(args) -> int:
+    """J and dJ/dkappa at one kappa -> HDF5 (rank 0, atomic) and a summary on stdout."""
+    from spinverse_fem.io.signals import atomic_h5
+
+    comm = world()
+    t0 = time.perf_counter()
+    ev = Evaluation(args, comm)
+    try:
+        value, grad = ev.misfit.objective_and_gradient(ev.kappa)
+    finally:
+        ev.destroy()
+    seconds = time.perf_counter() - t0
+    grad = np.asarray(grad, dtype=np.float64)
+    grad_log10 = grad * ev.kappa * math.log(10.0)
+    if comm.rank == 0:
+        out = Path(args.out)
+        with atomic_h5(out) as f:
+            f["objective"] = float(value)
+            f["gradient"] = grad
+            f["gradient_log10"] = grad_log10
+            f["faces"] = ev.problem.faces.faces
+            f["vertices"] = ev.problem.grid.points
+            f["kappa_um_per_ms"] = ev.kappa
+            f["active"] = ev.problem.active.astype(np.int8)
+            a = f.attrs
+            a["model"] = ev.model_name
+            a["normalisation"] = ev.normalisation
+            a["modes"] = ev.modes
+            if ev.time_step_ms is not None:
+                a["time_step_ms"] = ev.time_step_ms
+            a["misfit_weight"] = ev.misfit.weight
+            a["sequences"] = json.dumps(ev.names)
+            a["counters"] = json.dumps(ev.counters())
+            a["config"] = ev.cfg.text
+            a["target"] = str(args.target)
+            a["kappa_source"] = ev.kappa_source
+            a["ranks"] = comm.size
+            a["seconds"] = seconds
+            a["units"] = ("objective: dimensionless; gradient: dJ/dkappa in 1/(um/ms); "
+                          "gradient_log10: dJ/dlog10(kappa); kappa: um/ms; vertices: um; "
+                          "faces: canonical order")
+    say(comm, f"objective ({ev.describe()})")
+    say(comm, f"  J = {value:.10e}; |dJ/dkappa| = {np.linalg.norm(grad):.6e} 1/(um/ms), "
+              f"|dJ/dlog10 kappa| = {np.linalg.norm(grad_log10):.6e}")
+    say(comm, f"wrote {args.out} ({seconds:.2f} s)")
+    return 0
+
+
+def register_objective(sub) -> None:
+    p = sub.add_parser("objective", help="misfit and its adjoint gradient at one kappa")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="output HDF5 (objective, gradient, ...)")
+    p.set_defaults(func=cmd_objective)
+
+
+# -- taylor ----------------------------------------------------------------------------------------
+
+class _Recorder:
+    """Wraps a misfit and records every objective(kappa) value (for the first-order column)."""
+
+    def __init__(self, misfit):
+        self.misfit = misfit
+        self.values: list[float] = []
+        self.J0 = None
+        self.grad = None
+
+    def objective(self, kappa):
+        v = self.misfit.objective(kappa)
+        self.values.append(float(v))
+        return v
+
+    def objective_and_gradient(self, kappa):
+        self.J0, self.grad = self.misfit.objective_and_gradient(kappa)
+        return self.J0, self.grad
+
+
+def _rates(r: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log2(r[:-1] / r[1:])
+
+
+def cmd_taylor(args) -> int:
+    """Taylor test of the adjoint gradient in log kappa; exit 0 iff min second-order rate >= 1.9."""
+    from spinverse_fem.inverse.taylor import taylor_test
+
+    comm = world()
+    t0 = time.perf_counter()
+    ev = Evaluation(args, comm)
+    rec = _Recorder(ev.misfit)
+    d = np.random.default_rng(args.seed).standard_normal(ev.kappa.shape)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rates, r1 = taylor_test(rec, ev.kappa, direction=d, h0=args.h0,
+                                    halvings=args.halvings)
+    finally:
+        ev.destroy()
+    seconds = time.perf_counter() - t0
+    hs = args.h0 / 2.0 ** np.arange(args.halvings + 1)
+    slope = float(np.dot(rec.grad * ev.kappa, d))
+    r0 = np.abs(np.array(rec.values) - rec.J0)
+    rates0, rates = _rates(r0), np.asarray(rates, dtype=float)
+    min_rate = float(np.min(rates)) if np.all(np.isfinite(rates)) else float("nan")
+    passed = bool(min_rate >= TAYLOR_MIN_RATE)
+    say(comm, f"taylor test ({ev.describe()})")
+    say(comm, f"  J = {rec.J0:.10e}; direction: seed {args.seed} in log kappa; "
+              f"<kappa dJ/dkappa, d> = {slope:.6e}")
+    say(comm, f"  {'h':>10}  {'|J(h)-J(0)|':>14}  {'rate':>6}  {'|J(h)-J(0)-h g.d|':>18}  "
+              f"{'rate':>6}")
+    for i, h in enumerate(hs):
+        a = f"{rates0[i - 1]:6.3f}" if i else " " * 6
+        b = f"{rates[i - 1]:6.3f}" if i else " " * 6
+        say(comm, f"  {h:10.4e}  {r0[i]:14.6e}  {a}  {r1[i]:18.6e}  {b}")
+    for w in caught:
+        say(comm, f"  note: {w.message}")
+    say(comm, f"min second-order rate {min_rate:.3f} "
+              f"{'>=' if passed else 'below'} {TAYLOR_MIN_RATE}: "
+              f"{'PASS' if passed else 'FAIL'} ({seconds:.2f} s)")
+    if args.json and comm.rank == 0:
+        _write_json(Path(args.json), dict(
+            model=ev.model_name, normalisation=ev.normalisation, modes=ev.modes,
+            time_step_ms=ev.time_step_ms, sequences=ev.names, seed=args.seed,
+            J=rec.J0, slope=slope, h=hs.tolist(), first_order_remainders=r0.tolist(),
+            first_order_rates=rates0.tolist(), second_order_remainders=np.asarray(r1).tolist(),
+            second_order_rates=rates.tolist(), min_second_order_rate=min_rate,
+            threshold=TAYLOR_MIN_RATE, passed=passed, counters=ev.counters(),
+            seconds=seconds, ranks=comm.size, kappa_source=ev.kappa_source))
+    return 0 if passed else 1
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write (NaN/inf written as null)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(clean(data), f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def register_taylor(sub) -> None:
+    p = sub.add_parser("taylor", help="Taylor test of the adjoint gradient (exit 0 if rate ~2)")
+    _add_common(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random log-kappa direction")
+    p.add_argument("--h0", type=_positive_float, default=1e-2, help="largest step in log kappa")
+    p.add_argument("--halvings", type=_positive_int, default=4, help="number of step halvings")
+    p.add_argument("--json", default=None, help="also write the table as JSON (rank 0)")
+    p.set_defaults(func=cmd_taylor)

@@ -1,0 +1,119 @@
+"""Sparse parallel matrices of the semi-discrete Bloch-Torrey system on the broken P1 space.
+
+    M dm/dt = -(L(kappa) + i q f(t) (g . J)) m,
+    L(kappa) = A + B(kappa) [+ R],   B(kappa) = sum_f kappa_f B_f   (linear in kappa).
+
+M: mass (um^3), A: broken stiffness with D (um^3/ms), B: face coupling (um^3/ms),
+J_i: first moments x_i (um^4), R: T2 relaxation. All assembled from the UFL forms in `forms/`.
+"""
+
+from __future__ import annotations
+
+import dolfinx_solver  # noqa: F401
+import numpy as np
+import ufl
+from dolfinx import fem
+from dolfinx.fem import petsc as fem_petsc
+from petsc4py import PETSc
+
+from spinverse_fem.forms import bloch_torrey as bt
+from spinverse_fem.fem.face_space import FaceSpace
+
+OUTER_CONDITIONS = ("neumann", "robin")
+
+
+class BlochTorreyOperators:
+    """Owns M, J_x, J_y, J_z and L(kappa) for one face space.
+
+    Parameters
+    ----------
+    space: FaceSpace
+    diffusivity_um2_per_ms: float or (T,) per-tetrahedron values (input tet order)
+    outer: "neumann" (sealed box) or "robin" (kappa_f u v on outer faces, kappa learnable)
+    t2_ms: optional T2 relaxation time (ms)
+    """
+
+    def __init__(self, space: FaceSpace, diffusivity_um2_per_ms, outer: str = "neumann",
+                 t2_ms: float | None = None):
+        if outer not in OUTER_CONDITIONS:
+            raise ValueError(f"outer must be one of {OUTER_CONDITIONS}, got {outer!r}")
+        self.space = space
+        self.outer = outer
+        self.t2_ms = t2_ms
+        msh, V = space.mesh, space.V
+        self.dx = ufl.Measure("dx", domain=msh)
+        self.dS = ufl.Measure("dS", domain=msh)
+        self.ds = ufl.Measure("ds", domain=msh)
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        self.diffusivity = self._diffusivity_coefficient(diffusivity_um2_per_ms)
+        self.kappa = fem.Function(space.Q, name="kappa_um_per_ms")
+
+        self.M = self._assemble(bt.mass(u, v, self.dx))
+        self.J = [self._assemble(bt.moment(u, v, i, self.dx)) for i in range(3)]
+        a = bt.stiffness(u, v, self.diffusivity, self.dx) + bt.face_coupling(u, v, self.kappa, self.dS)
+        if outer == "robin":
+            a = a + bt.robin_sink(u, v, self.kappa, self.ds)
+        if t2_ms is not None:
+            a = a + bt.relaxation(u, v, fem.Constant(msh, 1.0 / float(t2_ms)), self.dx)
+        self._a_L = fem.form(a, entity_maps=[space.entity_map])
+        self.L = fem_petsc.create_matrix(self._a_L)
+        self.L.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        ones = self.M.createVecRight()
+        ones.set(1.0)
+        self.mass_ones = self.M.createVecLeft()
+        self.M.mult(ones, self.mass_ones)
+        self._kappa_values: np.ndarray | None = None
+
+    def _diffusivity_coefficient(self, d):
+        d = np.asarray(d, dtype=np.float64)
+        if d.ndim == 0:
+            return fem.Constant(self.space.mesh, float(d))
+        Vd = fem.functionspace(self.space.mesh, ("DG", 0))
+        f = fem.Function(Vd, name="diffusivity_um2_per_ms")
+        cmap = self.space.mesh.topology.index_map(3)
+        cells = np.arange(cmap.size_local + cmap.num_ghosts, dtype=np.int32)
+        original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]
+        f.x.array[Vd.dofmap.list[cells, 0]] = d[original]
+        return f
+
+    def _assemble(self, a) -> PETSc.Mat:
+        A = fem_petsc.assemble_matrix(fem.form(a))
+        A.assemble()
+        A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        return A
+
+    @property
+    def comm(self):
+        return self.space.comm
+
+    def set_kappa(self, kappa_um_per_ms: np.ndarray) -> None:
+        """Re-assemble L for canonical face permeabilities (F,) in um/ms (outer faces used by robin)."""
+        k = np.asarray(kappa_um_per_ms, dtype=np.float64)
+        if k.shape != (self.space.num_faces,):
+            raise ValueError(f"kappa has shape {k.shape}, expected ({self.space.num_faces},)")
+        if not np.all(np.isfinite(k)) or np.any(k < 0):
+            raise ValueError("kappa must be finite and >= 0 on every face")
+        self._kappa_values = k.copy()
+        self.space.set_face_function(self.kappa, k)
+        self.L.zeroEntries()
+        fem_petsc.assemble_matrix(self.L, self._a_L)
+        self.L.assemble()
+
+    @property
+    def kappa_values(self) -> np.ndarray:
+        if self._kappa_values is None:
+            raise RuntimeError("set_kappa has not been called")
+        return self._kappa_values
+
+    def gradient_operator(self, direction) -> PETSc.Mat:
+        """g . J for a unit direction g (3,) (a new matrix)."""
+        g = np.asarray(direction, dtype=np.float64)
+        G = self.J[0].copy()
+        G.scale(g[0])
+        G.axpy(g[1], self.J[1], PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        G.axpy(g[2], self.J[2], PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        return G
+
+    def volume(self) -> float:
+        """Total volume (um^3) = 1^T M 1 (a collective)."""
+        return float(self.mass_ones.sum())

@@ -1,0 +1,122 @@
+"""Files an inversion leaves behind (rank 0 only; each written atomically).
+
+result.h5        kappa per face at the end of each stage and at the end, history of every term
+interface.xdmf   every grid face with cell data: interface (0/1), truth (0/1), log10 kappa; ParaView
+                 (XDMF 3 + HDF5 heavy data in interface.h5)
+interface.ply    the extracted interface triangles
+metrics.json     CD-L2 (paper, uncentred, area), BadEdge/Open/Branch %, face precision/recall/IoU
+history.png      misfit and CD-L2 against iteration, stage switches marked
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from spinverse_fem.evaluation.interface import write_ply
+from spinverse_fem.io.signals import atomic_h5
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_result(path: Path, problem, state, final_kappa, interface, config_text, attrs) -> None:
+    with atomic_h5(path) as f:
+        f["kappa_um_per_ms"] = final_kappa
+        f["faces"] = problem.faces.faces
+        f["vertices"] = problem.grid.points
+        f["active"] = problem.active.astype(np.int8)
+        f["interface"] = interface.astype(np.int8)
+        f["membrane_truth"] = problem.membrane.astype(np.int8)
+        for i, k in enumerate(state.stage_kappa):
+            f[f"stages/{i}/kappa_um_per_ms"] = k
+            f[f"stages/{i}"].attrs["modes"] = state.modes[i]
+        for k, v in state.history.items():
+            f[f"history/{k}"] = np.asarray(v, dtype=float)
+        f.attrs["config"] = config_text
+        f.attrs["units"] = "kappa: um/ms; vertices: um; CD-L2: um^2; seconds: wall clock"
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def write_interface_xdmf(path: Path, problem, kappa, interface) -> None:
+    """XDMF 3 triangle grid of all faces with cell attributes (heavy data in <stem>.h5)."""
+    h5 = path.with_suffix(".h5")
+    faces = problem.faces.faces
+    pts = problem.grid.points
+    with atomic_h5(h5) as f:
+        f["geometry"] = pts
+        f["topology"] = faces.astype(np.int64)
+        f["interface"] = interface.astype(np.int32)
+        f["truth"] = problem.membrane.astype(np.int32)
+        f["log10_kappa"] = np.log10(kappa)
+    nf, nv = faces.shape[0], pts.shape[0]
+
+    def attr(name, kind, dtype, prec):
+        return (f'      <Attribute Name="{name}" AttributeType="Scalar" Center="Cell">\n'
+                f'        <DataItem Dimensions="{nf}" NumberType="{dtype}" Precision="{prec}" '
+                f'Format="HDF">{h5.name}:/{kind}</DataItem>\n      </Attribute>\n')
+
+    xml = ('<?xml version="1.0"?>\n<Xdmf Version="3.0">\n  <Domain>\n'
+           '    <Grid Name="faces" GridType="Uniform">\n'
+           f'      <Topology TopologyType="Triangle" NumberOfElements="{nf}">\n'
+           f'        <DataItem Dimensions="{nf} 3" NumberType="Int" Precision="8" Format="HDF">'
+           f'{h5.name}:/topology</DataItem>\n      </Topology>\n'
+           '      <Geometry GeometryType="XYZ">\n'
+           f'        <DataItem Dimensions="{nv} 3" NumberType="Float" Precision="8" Format="HDF">'
+           f'{h5.name}:/geometry</DataItem>\n      </Geometry>\n'
+           + attr("interface", "interface", "Int", 4) + attr("truth", "truth", "Int", 4)
+           + attr("log10_kappa_um_per_ms", "log10_kappa", "Float", 8)
+           + '    </Grid>\n  </Domain>\n</Xdmf>\n')
+    _atomic_text(path, xml)
+
+
+def write_interface_ply(path: Path, problem, interface) -> None:
+    write_ply(path, problem.grid.points, problem.faces.faces[interface])
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    _atomic_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def plot_history(path: Path, history: dict, stage_names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.asarray(history["iteration"])
+    fig, ax = plt.subplots(2, 1, figsize=(7.0, 6.0), sharex=True)
+    ax[0].semilogy(it, history["misfit"], label="misfit (x weight)")
+    ax[0].semilogy(it, np.maximum(history["total"], 1e-300), label="total objective", alpha=0.7)
+    ax[0].set_ylabel("objective")
+    ax[0].legend()
+    cd = np.asarray(history["cd_l2"])
+    if np.any(np.isfinite(cd)):
+        ax[1].plot(it, cd, color="C3")
+    ax[1].set_ylabel("CD-L2 (um$^2$)")
+    ax[1].set_xlabel("iteration")
+    stage = np.asarray(history["stage"])
+    for a in ax:
+        a.grid(True, alpha=0.3)
+        for j in np.flatnonzero(np.diff(stage)) + 1:
+            a.axvline(it[j] - 0.5, color="k", ls="--", lw=0.8)
+    for s, name in enumerate(stage_names):
+        sel = it[stage == s]
+        if sel.size:
+            ax[0].text(sel[0], ax[0].get_ylim()[1], f" stage {s + 1}: {name}", va="top",
+                       fontsize=8)
+    fig.suptitle("Inversion history")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
