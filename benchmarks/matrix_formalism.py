@@ -28,7 +28,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,7 +36,6 @@ import scipy  # noqa: E402
 import scipy.linalg  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spinverse_fem.forward.propagator import SequencePropagator  # noqa: E402
 
 BOX_UM = 27.0

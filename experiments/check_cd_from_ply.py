@@ -2,7 +2,7 @@
 """Recompute CD-L2 of an inversion output directory from `interface.ply` alone, independently
 of the package (numpy, scipy, h5py only), and compare it with `metrics.json`.
 
-    python experiments/check_cd_from_ply.py out/
+    python -m experiments.check_cd_from_ply out/     # from the repository root
 
 The truth surface is read from `result.h5` (`vertices`, `faces`, `membrane_truth`). CD-L2 as
 the paper defines it: 10 samples per triangle at barycentric (u, v) in a fixed list, each cloud

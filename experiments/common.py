@@ -5,7 +5,14 @@
 - one inversion run in-process on any number of MPI ranks (`run_case`), returning a JSON-able
   summary: final interface metrics, final misfits re-evaluated at the final kappa, the history;
 - resume-friendly caching of finished runs (one JSON per run, rank 0 writes), atomic writes,
-  markdown tables and the common command-line options.
+  markdown tables and the common command-line options (`--check-cache` lists the saved runs).
+
+experiments/ is a package: run its scripts from the repository root as modules,
+`python -m experiments.<script>` (under MPI: `mpiexec -n 2 python -m experiments.<script>`).
+
+Saved runs are portable between checkouts: the paper's ground-truth files appear in them as
+`<paper_meshes>/<file>.npz` (relative to the paper-mesh folder, see `portable_config`), never
+as an absolute path.
 
 Everything written to disk is written by rank 0 only; every rank runs every inversion (the
 forward model is distributed), so all ranks must make the same decisions: rank 0 decides and
@@ -79,6 +86,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_out: Path) -> None:
                    help="ground truths: the paper's .npz files (default) or our regenerated set")
     p.add_argument("--log-every", type=int, default=10,
                    help="print every N-th iteration line (default 10; 1 = all)")
+    p.add_argument("--check-cache", action="store_true",
+                   help="run nothing: list which of the runs these options select are saved in "
+                        "OUT (and would be reused); exit code 1 if any is not")
 
 
 def settings_from_args(args) -> Settings:
@@ -98,6 +108,54 @@ def toml_string(s) -> str:
 
 def toml_vector(v) -> str:
     return "[" + ", ".join(repr(float(x)) for x in v) + "]"
+
+
+# The configuration text of a run names the paper's ground-truth file by absolute path (run_case
+# parses it relative to the working directory). Saved runs name it relative to the paper-mesh
+# folder ($SPINVERSE_PAPER_MESHES, default <repo>/../shared/data/paper_meshes) behind this token
+# instead, so that a results folder stays valid in another checkout or with the data elsewhere.
+PAPER_MESHES_TOKEN = "<paper_meshes>"
+_PATH_LINE = re.compile(r'^(path\s*=\s*)("(?:[^"\\]|\\.)*")[ \t]*$', re.MULTILINE)
+
+
+def _paper_meshes_dir() -> Path | None:
+    """The paper-mesh folder, resolved; None if it does not exist."""
+    from spinverse_fem.errors import InputError
+    from spinverse_fem.meshes.paper import paper_meshes_dir
+
+    try:
+        return paper_meshes_dir().resolve()
+    except InputError:
+        return None
+
+
+def portable_config(cfg_text: str) -> str:
+    """cfg_text with each `path = "<paper-mesh folder>/F.npz"` line written as
+    `path = "<paper_meshes>/F.npz"`; other paths (and texts without paths) unchanged."""
+    folder = None
+
+    def sub(m: re.Match) -> str:
+        nonlocal folder
+        p = Path(json.loads(m[2]))
+        if not p.is_absolute():
+            return m[0]
+        folder = folder or _paper_meshes_dir()
+        if folder is None or p.resolve().parent != folder:
+            return m[0]
+        return m[1] + toml_string(f"{PAPER_MESHES_TOKEN}/{p.name}")
+
+    return _PATH_LINE.sub(sub, cfg_text)
+
+
+def runnable_config(cfg_text: str) -> str:
+    """The inverse of portable_config: `<paper_meshes>/F.npz` -> the absolute path of F in this
+    machine's paper-mesh folder (e.g. to rerun the configuration saved with a run)."""
+    if f'"{PAPER_MESHES_TOKEN}/' not in cfg_text:
+        return cfg_text
+    folder = _paper_meshes_dir()
+    if folder is None:
+        raise FileNotFoundError("paper meshes folder not found; set $SPINVERSE_PAPER_MESHES")
+    return cfg_text.replace(f'"{PAPER_MESHES_TOKEN}/', f'"{folder.as_posix()}/')
 
 
 def paper_config_text(geometry_toml: str, settings: Settings, *, curriculum: str = "staged",
@@ -238,37 +296,36 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     from dataclasses import replace
 
     from spinverse_fem.config import parse_config
-    from spinverse_fem.inverse.curriculum import stages
-    from spinverse_fem.forward.model import ForwardModel
-    from spinverse_fem.evaluation.interface import extract_interface
-    from spinverse_fem.inverse.driver import Inversion
-    from spinverse_fem.inverse.misfit import SignalMisfit
-    from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.evaluation.scoring import score
     from spinverse_fem.forward.synthetic import simulate_targets
+    from spinverse_fem.inverse.case import Case, Targets
+    from spinverse_fem.inverse.driver import Inversion
 
     log = log or (lambda s: say(comm, s))
     t0 = time.perf_counter()
     cfg = parse_config(cfg_text, source=f"<{label}>")
     ref_cfg = replace(cfg, eigen=replace(cfg.eigen, max_modes=settings.reference_max_modes))
     targets, s0, _ = simulate_targets(comm, ref_cfg)
-    problem = build_phantom(cfg)
-    truth = problem.membrane
-    model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
-    inv = Inversion(comm, cfg, problem, model, targets, s0, truth=truth, log=log)
+    case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))
+    problem = case.phantom
+    threshold = cfg.inversion.threshold_um_per_ms
+
+    def observe(kappa):
+        return score(problem, kappa, threshold, case.truth)
+
+    inv = Inversion(case, log=log, observer=observe)
     t1 = time.perf_counter()
     state = inv.run(inv.initial_state())
     t2 = time.perf_counter()
     kappa = inv.kappa(state.x)
     metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
-               for k, v in inv.interface_metrics(kappa).items()}
-    interface = extract_interface(kappa, cfg.inversion.threshold_um_per_ms, problem.active)
+               for k, v in observe(kappa).items() if k != "interface_faces"}
+    num_interface = int(observe(kappa)["interface_faces"])
 
     # final misfits at the final kappa: one forward solve with the last stage's mode count
-    run_stages = stages(cfg)
+    run_stages = case.stages
     used = sorted({i for st in run_stages for i in st.sequences})
-    mis = SignalMisfit(model, [cfg.sequences[i] for i in used], [targets[i] for i in used],
-                       weight=cfg.inversion.misfit_weight, normalisation="reference",
-                       s0_reference=[s0[i] for i in used], num_modes=state.modes[-1])
+    mis = case.misfit(used, num_modes=state.modes[-1])
     sig = dict(zip(used, mis.signals(kappa)))
     w = cfg.inversion.misfit_weight
     per_seq = {cfg.sequences[i].name: _misfit_value([sig[i]], [targets[i]], w) for i in used}
@@ -281,11 +338,11 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
                      misfit=misfit_last, continuity=np.nan, manifold=np.nan, total=np.nan,
                      manifold_weight=np.nan, cd_l2=metrics.get("cd_l2", np.nan),
                      bad_edge_pct=metrics.get("bad_edge_pct", np.nan),
-                     interface_faces=float(interface.sum()), seconds=t2 - t1)
+                     interface_faces=float(num_interface), seconds=t2 - t1)
     for k in HISTORY_KEYS:
         history[k].append(float(final_row[k]))
     return dict(label=label, code_version=CODE_VERSION, settings=settings.as_dict(),
-                config=cfg_text, ranks=comm.size, metrics=metrics, interface_faces=int(interface.sum()),
+                config=cfg_text, ranks=comm.size, metrics=metrics, interface_faces=num_interface,
                 misfit_last_stage=misfit_last, misfit_joint=misfit_joint,
                 misfit_per_sequence=per_seq, modes=[int(m) for m in state.modes],
                 iterations=int(state.global_iteration), seconds=t2 - t1,
@@ -312,25 +369,55 @@ def from_json_history(h: dict) -> dict:
     return {k: [np.nan if x is None else float(x) for x in v] for k, v in h.items()}
 
 
-def saved_run(path: Path, cfg_text: str, settings: Settings, quiet: bool = False):
-    """The run saved at `path` if it holds the same config text, settings and code version,
-    else None (call on one rank)."""
+def cache_status(path: Path, cfg_text: str, settings: Settings) -> tuple[str, dict | None]:
+    """(status, saved JSON) of the run saved at `path` for this configuration text and settings.
+
+    status: "saved" (same configuration, settings and code version: reusable), "missing",
+    "unreadable (...)", "other configuration", "other settings" or "older code". The
+    configuration texts are compared in their portable form (portable_config), so a run saved
+    in another checkout, or before paths were made portable, is recognised.
+    """
     path = Path(path)
     if not path.exists():
-        return None
+        return "missing", None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        if not quiet:
-            print(f"{path.name}: unreadable ({exc}); running again", flush=True)
-        return None
-    if (data.get("config") == cfg_text and data.get("settings") == settings.as_dict()
-            and data.get("code_version", 1) == CODE_VERSION):
+        return f"unreadable ({exc})", None
+    if portable_config(data.get("config", "")) != portable_config(cfg_text):
+        return "other configuration", data
+    if data.get("settings") != settings.as_dict():
+        return "other settings", data
+    if data.get("code_version", 1) != CODE_VERSION:
+        return "older code", data
+    return "saved", data
+
+
+def saved_run(path: Path, cfg_text: str, settings: Settings, quiet: bool = False):
+    """The run saved at `path` if it holds the same config text, settings and code version,
+    else None (call on one rank)."""
+    status, data = cache_status(path, cfg_text, settings)
+    if status == "saved":
         data["history"] = from_json_history(data["history"])
         return data
-    if not quiet:
-        print(f"{path.name}: saved with other settings or older code; running again", flush=True)
+    if not quiet and status != "missing":
+        print(f"{Path(path).name}: {status}; running again", flush=True)
     return None
+
+
+def check_cache(comm, runs, settings: Settings) -> int:
+    """Report (rank 0) which of `runs`, [(label, JSON path, config text)], are saved for these
+    settings and would be reused; runs nothing. Returns 0 if all are, else 1 (an exit code)."""
+    missing = 0
+    for label, path, cfg_text in runs:
+        status, _ = cache_status(path, cfg_text, settings)
+        missing += status != "saved"
+        shown = Path(path).resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+        say(comm, f"  {status:<20} {label}  ({shown})")
+    say(comm, f"{len(runs) - missing}/{len(runs)} run(s) saved"
+              + (f", {missing} would run" if missing else ", nothing would run"))
+    return 1 if missing else 0
 
 
 def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, log=None,
@@ -338,7 +425,8 @@ def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, 
     """run_case, or its saved JSON at `path` if that holds the same config text and settings.
 
     Rank 0 decides and broadcasts (so every rank runs, or skips, together) and writes the JSON
-    atomically when a run finishes: a killed job loses at most the run in progress.
+    atomically when a run finishes: a killed job loses at most the run in progress. The JSON
+    holds the configuration text in its portable form (portable_config).
     """
     path = Path(path)
     found = saved_run(path, cfg_text, settings) if comm.rank == 0 and resume else None
@@ -347,6 +435,7 @@ def cached_run(comm, path: Path, cfg_text: str, settings: Settings, label: str, 
         say(comm, f"{label}: done before ({path}), skipped")
         return found
     res = run_case(comm, cfg_text, settings, label, log=log)
+    res = dict(res, config=portable_config(cfg_text))
     if comm.rank == 0:
         atomic_write_text(path, json.dumps(_json_safe(res), indent=1) + "\n")
     comm.Barrier()

@@ -7,9 +7,9 @@ Three configurations, each on every mesh with the paper's staged curriculum (10/
 paper's full model). Meshes: the first --meshes N (default 10) of the data set in list order
 (paper files: 000-009, all bent axons).
 
-    python experiments/prior_ablation.py                        # 10 meshes x 3 x 2 x 200 it., ~5 h
-    python experiments/prior_ablation.py --meshes 1 --iterations 2 --out /tmp/abl   # smoke test
-    mpiexec -n 2 python experiments/prior_ablation.py ...
+    python -m experiments.prior_ablation                        # 10 meshes x 3 x 2 x 200 it., ~5 h
+    python -m experiments.prior_ablation --meshes 1 --iterations 2 --out /tmp/abl   # smoke test
+    mpiexec -n 2 python -m experiments.prior_ablation ...
 
 Resume-friendly: every finished (mesh, configuration) run is saved as
 OUT/prior_ablation/<mesh>__<configuration>.json and skipped when present with the same
@@ -26,12 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: experiments.* is importable only when run as a module
+    raise SystemExit("run it as a module from the repository root: "
+                     f"python -m experiments.{Path(__file__).stem}")
 
-from common import (RESULTS, add_common_arguments, atomic_write_text,  # noqa: E402
-                    cached_run, finish_figure, fmt, fmt_seconds, iteration_logger,
-                    markdown_table, mpi_comm, pyplot, saved_run, say, settings_from_args)
-from dataset import ground_truths  # noqa: E402
+from experiments.common import (RESULTS, add_common_arguments,  # noqa: E402
+                                atomic_write_text, cached_run, check_cache, finish_figure, fmt,
+                                fmt_seconds, iteration_logger, markdown_table, mpi_comm, pyplot,
+                                saved_run, say, settings_from_args)
+from experiments.dataset import ground_truths  # noqa: E402
 
 # name -> (continuity_weight, manifold_weight); the manifold weight ramps 0 -> value
 CONFIGS = {"none": (0.0, 0.0), "continuity": (2.0, 0.0), "continuity+manifold": (2.0, 2.0)}
@@ -199,6 +202,9 @@ def main(argv=None) -> int:
         return table
 
     gts = gts[args.skip:]
+    if args.check_cache:
+        return check_cache(comm, [(f"{gt.name} {c}", run_path(gt, c), config_for(gt, c))
+                                  for gt in gts for c in configs], settings)
     total = len(gts) * len(configs)
     say(comm, f"prior ablation: {len(gts)} mesh(es) ({args.source} data set) x "
               f"{len(configs)} configuration(s), {settings.iterations} iterations per stage, "

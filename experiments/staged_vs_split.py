@@ -6,9 +6,9 @@ sequences jointly in both stages. Same budget: 2 x --iterations Adam iterations,
 priors (continuity 2, manifold ramp 0 -> 2) and the same noiseless targets (simulated from the
 ground truth, 5/6 ms simulated but unused, as in the paper).
 
-    python experiments/staged_vs_split.py                       # 2 x 200 iterations, ~15-25 min
-    python experiments/staged_vs_split.py --iterations 3 --out /tmp/svs   # smoke test
-    mpiexec -n 2 python experiments/staged_vs_split.py ...
+    python -m experiments.staged_vs_split                       # 2 x 200 iterations, ~15-25 min
+    python -m experiments.staged_vs_split --iterations 3 --out /tmp/svs   # smoke test
+    mpiexec -n 2 python -m experiments.staged_vs_split ...
 
 Writes OUT/staged_vs_split.md (final CD-L2, BadEdge%, IoU, misfits, time; which curriculum
 wins), OUT/staged_vs_split.png (misfit, CD-L2 and BadEdge% against iteration) and one JSON
@@ -24,13 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: experiments.* is importable only when run as a module
+    raise SystemExit("run it as a module from the repository root: "
+                     f"python -m experiments.{Path(__file__).stem}")
 
-from common import (RESULTS, add_common_arguments, atomic_write_text,  # noqa: E402
-                    cached_run, finish_figure, fmt, fmt_seconds, iteration_logger,
-                    markdown_table, mark_stage_switches, mpi_comm, pyplot, say,
-                    settings_from_args)
-from dataset import ground_truths, find  # noqa: E402
+from experiments.common import (RESULTS, add_common_arguments,  # noqa: E402
+                                atomic_write_text, cached_run, check_cache, finish_figure, fmt,
+                                fmt_seconds, iteration_logger, markdown_table,
+                                mark_stage_switches, mpi_comm, pyplot, say, settings_from_args)
+from experiments.dataset import find, ground_truths  # noqa: E402
 
 CURRICULA = ("staged", "split")
 DESCRIPTION = {"staged": "10/60 ms, then 10/20 ms", "split": "10/60 + 10/20 ms jointly, twice"}
@@ -117,14 +119,21 @@ def main(argv=None) -> int:
     comm = mpi_comm()
     out = Path(args.out)
     gt = find(ground_truths(args.source), args.shape)
+
+    def run_path(c):
+        return out / "staged_vs_split" / f"{gt.name}_{c}.json"
+
+    if args.check_cache:
+        return check_cache(comm, [(f"{gt.name} {c}", run_path(c),
+                                   gt.config_text(settings, curriculum=c)) for c in CURRICULA],
+                           settings)
     say(comm, f"staged vs split on {gt.name} ({args.source} data set): {settings.iterations} "
               f"iterations per stage, {settings.optimizer}, {comm.size} rank(s)")
     runs = {}
     for k, c in enumerate(CURRICULA):
         say(comm, f"[{k + 1}/{len(CURRICULA)}] curriculum {c} ({DESCRIPTION[c]})")
         cfg = gt.config_text(settings, curriculum=c)
-        runs[c] = cached_run(comm, out / "staged_vs_split" / f"{gt.name}_{c}.json", cfg,
-                             settings, f"{gt.name} {c}",
+        runs[c] = cached_run(comm, run_path(c), cfg, settings, f"{gt.name} {c}",
                              log=iteration_logger(comm, args.log_every, f"[{c}] "),
                              resume=not args.fresh)
         m = runs[c]["metrics"]

@@ -7,8 +7,8 @@ the same as examples/paper_torus.toml) with one change per variant and reports t
 metrics together with the sealed compartments of the recovered interface (the truth seals
 one compartment of 64 tets; a torus recovered as a disk seals the hole's tets as well).
 
-    python experiments/torus_variants.py                  # all variants, ~4-5 min each
-    python experiments/torus_variants.py --variants restart lr0.3
+    python -m experiments.torus_variants                  # all variants, ~4-5 min each
+    python -m experiments.torus_variants --variants restart lr0.3
 
 Resume-friendly like the other experiments: OUT/torus_variants/<variant>.json per finished
 run; OUT/torus_variants.md is rewritten after every run.
@@ -20,12 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: experiments.* is importable only when run as a module
+    raise SystemExit("run it as a module from the repository root: "
+                     f"python -m experiments.{Path(__file__).stem}")
 
-from common import (RESULTS, add_common_arguments, atomic_write_text, cached_run,  # noqa: E402
-                    fmt, fmt_seconds, iteration_logger, markdown_table, mpi_comm, saved_run,
-                    say, settings_from_args)
-from dataset import find, ground_truths  # noqa: E402
+from experiments.common import (RESULTS, add_common_arguments,  # noqa: E402
+                                atomic_write_text, cached_run, check_cache, fmt, fmt_seconds,
+                                iteration_logger, markdown_table, mpi_comm, saved_run, say,
+                                settings_from_args)
+from experiments.dataset import find, ground_truths  # noqa: E402
 
 
 def _stages(*stages) -> list:
@@ -93,7 +96,8 @@ def write_table(path: Path, results: dict, settings) -> None:
             "compartment of 64 tets.\n\n"
             + markdown_table(["variant", "change", "CD-L2 (um^2)", "BadEdge%", "face IoU",
                               "faces found / true", "sealed compartments (tets)",
-                              "tets sealed/open wrongly", "misfit (sequences used, jointly)", "time"], rows))
+                              "tets sealed/open wrongly", "misfit (sequences used, jointly)",
+                              "time"], rows))
     atomic_write_text(path, text)
 
 
@@ -107,6 +111,10 @@ def main(argv=None) -> int:
     comm = mpi_comm()
     out = Path(args.out)
     gt = find(ground_truths(args.source), "torus")
+    if args.check_cache:
+        return check_cache(comm, [(f"torus {v}", out / "torus_variants" / f"{v}.json",
+                                   config_text(gt, settings, v)) for v in args.variants],
+                           settings)
     results = {}
     for k, name in enumerate(args.variants):
         say(comm, f"[{k + 1}/{len(args.variants)}] {name}: {VARIANTS[name][0]}")

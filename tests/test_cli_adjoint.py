@@ -294,13 +294,13 @@ def test_full_order_misfit_value_by_hand(comm, normalisation):
     """Reference: J assembled by hand from FullOrderModel.signals of each sequence and, for
     "own", of a separate b = 0 PGSE/waveform sequence with the same timing (not the appended
     row the misfit uses)."""
-    from spinverse_fem.inverse.misfit_full import FullOrderMisfit
+    from spinverse_fem.inverse.misfit import FullOrderMisfit
 
     model, kappa = _tiny_full_model(comm, "robin")
     s0_ref = [450.0, 470.0]
     misfit = FullOrderMisfit(model, SEQS, TARGETS, weight=100.0, normalisation=normalisation,
                              s0_reference=s0_ref)
-    value = misfit.objective(kappa)
+    value = misfit.cost(kappa)
     ref, n = 0.0, 8
     for k, (seq, t) in enumerate(zip(SEQS, TARGETS)):
         S = model.signals(seq, kappa=kappa)
@@ -320,13 +320,13 @@ def test_full_order_misfit_value_by_hand(comm, normalisation):
 def test_full_order_misfit_taylor(comm, normalisation, outer):
     """Reference: Taylor remainders of FullOrderMisfit.objective in a seeded log-kappa direction
     (second order, rate >= 1.9, only for the exact gradient incl. the S0 sensitivity)."""
-    from spinverse_fem.inverse.misfit_full import FullOrderMisfit
+    from spinverse_fem.inverse.misfit import FullOrderMisfit
     from spinverse_fem.inverse.taylor import taylor_test
 
     model, kappa = _tiny_full_model(comm, outer)
     misfit = FullOrderMisfit(model, SEQS, TARGETS, weight=100.0, normalisation=normalisation,
                              s0_reference=[450.0, 470.0])
-    rates, _ = taylor_test(misfit, kappa, seed=5, h0=5e-2, halvings=4)
+    rates = taylor_test(misfit, kappa, seed=5, h0=5e-2, halvings=4, multiplicative=True).rates1
     assert min(rates) >= 1.9, rates
     if normalisation == "own":
         # without the S0 term the gradient is wrong: first-order remainders
@@ -335,7 +335,8 @@ def test_full_order_misfit_taylor(comm, normalisation, outer):
                 return [np.append(c[:-1], 0.0) for c in super().cotangents(k)]
 
         bad = NoS0(model, SEQS, TARGETS, weight=100.0, normalisation="own")
-        rates_bad, _ = taylor_test(bad, kappa, seed=5, h0=5e-2, halvings=4)
+        rates_bad = taylor_test(bad, kappa, seed=5, h0=5e-2, halvings=4,
+                                multiplicative=True).rates1
         assert max(rates_bad) < 1.5, rates_bad
     model.destroy()
 
@@ -355,13 +356,13 @@ def test_taylor_command_exit_1_for_a_wrong_gradient(comm, tmp_path, monkeypatch,
     args = ["taylor", str(d / "case.toml"), "--target", str(d / "s.h5"), "--modes", "20",
             "--halvings", "3"]
     assert cli.main(args) == 0
-    exact = SignalMisfit.objective_and_gradient
+    exact = SignalMisfit.cost_and_gradient
 
     def scaled(self, kappa):
         J, g = exact(self, kappa)
         return J, 1.5 * g
 
-    monkeypatch.setattr(SignalMisfit, "objective_and_gradient", scaled)
+    monkeypatch.setattr(SignalMisfit, "cost_and_gradient", scaled)
     assert cli.main(args + ["--json", str(d / "t.json")]) == 1
     if comm.rank == 0:
         assert "FAIL" in capsys.readouterr().out

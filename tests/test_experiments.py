@@ -2,26 +2,33 @@
 table and figure; the prior ablation resumes from its per-run JSON files.
 
 They run in-process (no spawned processes), so they also run under mpiexec: every rank runs
-every inversion, rank 0 writes (into rank 0's temporary directory, broadcast to all ranks)."""
+every inversion, rank 0 writes (into rank 0's temporary directory, broadcast to all ranks).
+
+experiments/ is a package imported from the repository root (`python -m pytest` from there puts
+it on sys.path, as `python -m experiments.<script>` does for the scripts)."""
 
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from experiments import common, dataset, prior_ablation, staged_vs_split, torus_variants
+from spinverse_fem.meshes.paper import paper_meshes_dir
 
-import dataset  # noqa: E402
-import prior_ablation  # noqa: E402
-import staged_vs_split  # noqa: E402
-import torus_variants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # 1 iteration per stage, 6 directions, small eigenbases: about 10 s per script on one core
 TINY = ["--iterations", "1", "--directions", "6", "--max-modes", "30",
         "--reference-max-modes", "60", "--log-every", "1"]
+
+
+def config_paths(cfg_text: str) -> list[str]:
+    """The values of the `path = "..."` lines of a configuration text."""
+    return re.findall(r'^path = "(.*)"$', cfg_text, flags=re.MULTILINE)
 
 
 @pytest.fixture
@@ -66,6 +73,8 @@ def test_staged_vs_split_tiny(comm, out):
                                           "019_torus_majr10_minr6_staged.json"]
         r = json.loads(runs[1].read_text())
         assert r["iterations"] == 2 and r["stages"] == [["10/60"], ["10/20"]]
+        # saved with the ground truth's path relative to the paper-mesh folder (portable)
+        assert config_paths(r["config"]) == ["<paper_meshes>/019_torus_majr10_minr6.npz"]
         assert len(r["history"]["iteration"]) == 3 and np.isfinite(r["misfit_joint"])
 
 
@@ -99,3 +108,59 @@ def test_torus_variants_tiny(comm, out):
             r["stages"] == [["10/60"], ["10/20"], ["10/60", "10/20"]]
         assert r["iterations"] == 3
         assert r["metrics"]["true_sealed_compartment_tets"] == [64]
+
+
+def test_saved_configurations_are_portable(comm, tmp_path):
+    """The configuration text saved with a run names the paper's file relative to the paper-mesh
+    folder; runnable_config restores the absolute path, and the comparison of the cache accepts
+    both forms."""
+    gt = dataset.find(dataset.ground_truths("paper"), "torus")
+    text = gt.config_text()
+    folder = str(paper_meshes_dir().resolve())
+    assert config_paths(text) == [f"{folder}/019_torus_majr10_minr6.npz"]
+    portable = common.portable_config(text)
+    assert config_paths(portable) == ["<paper_meshes>/019_torus_majr10_minr6.npz"]
+    assert common.runnable_config(portable) == text
+    analytic = dataset.generated_ground_truths()[-1].config_text()
+    assert common.portable_config(analytic) == analytic
+    settings = common.Settings()
+    for saved in (text, portable):  # written before paths were portable, and since
+        path = tmp_path / "run.json"
+        path.write_text(json.dumps(dict(config=saved, settings=settings.as_dict(),
+                                        code_version=common.CODE_VERSION)))
+        assert common.cache_status(path, text, settings)[0] == "saved"
+    other = text.replace("019_torus_majr10_minr6", "018_sphere")
+    assert common.cache_status(path, other, settings)[0] == "other configuration"
+
+
+SHIPPED = [  # (script, extra arguments, runs saved in experiments/results)
+    (prior_ablation, [], 30),
+    (staged_vs_split, [], 2),
+    (torus_variants, ["--variants", "paper", "restart", "short_last", "short_last_carried",
+                      "long_to_short_m3", "long_to_short_m4"], 6),
+]
+
+
+@pytest.mark.parametrize("script, extra, runs", SHIPPED, ids=lambda v: getattr(v, "__name__", ""))
+def test_shipped_runs_are_recognised(comm, capsys, script, extra, runs):
+    """Reference: the runs saved in experiments/results (made with the default settings); each
+    script's --check-cache finds every one of them, so nothing would be run again."""
+    assert script.main(["--check-cache", *extra]) == 0
+    if comm.rank == 0:
+        out = capsys.readouterr().out
+        assert f"{runs}/{runs} run(s) saved, nothing would run" in out, out
+    for path in common.RESULTS.glob(f"{script.__name__.split('.')[-1]}/*.json"):
+        paths = config_paths(json.loads(path.read_text())["config"])
+        assert paths and all(p.startswith("<paper_meshes>/") for p in paths), (path, paths)
+
+
+@pytest.mark.serial_only
+def test_scripts_run_as_modules_only():
+    """`python -m experiments.<script>` from the repository root; run as a file, a script says
+    so instead of failing on its imports."""
+    r = subprocess.run([sys.executable, "-m", "experiments.staged_vs_split", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--check-cache" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "staged_vs_split.py")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "python -m experiments.staged_vs_split" in r.stderr, r.stderr

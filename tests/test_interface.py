@@ -1,17 +1,21 @@
-"""Tests of interface extraction and PLY input/output (spinverse_fem.evaluation.interface)."""
+"""Tests of interface extraction (spinverse_fem.evaluation.interface) and PLY input/output
+(spinverse_fem.io.ply)."""
 
 from __future__ import annotations
 
 import glob
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.evaluation.interface import extract_interface, read_ply, write_ply
+from spinverse_fem.evaluation.interface import extract_interface
 from spinverse_fem.evaluation.metrics import chamfer_l2
+from spinverse_fem.io.ply import read_ply, write_ply
 
 MESH_DIR = "/work/shared/data/paper_meshes"
 FILES = sorted(glob.glob(f"{MESH_DIR}/*.npz"))
@@ -154,3 +158,26 @@ def test_chamfer_from_ply_equals_arrays(tmp_path):
     direct = chamfer_l2(points[faces[pred]], points[faces[ref]])
     assert direct > 0
     assert chamfer_l2(pp[pt], rp[rt]) == direct
+
+
+def _package_modules_after(imports: str) -> set[str]:
+    """spinverse_fem modules loaded by a fresh interpreter after `imports`."""
+    script = (f"import sys\nimport {imports}\n"
+              "print(' '.join(m for m in sys.modules if m.startswith('spinverse_fem.')))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+@pytest.mark.serial_only
+def test_layers():
+    """Reference: the layer rule. spinverse_fem.io may import only errors and config from the
+    package; evaluation.interface (above inverse) must not import the io layer."""
+    io = ", ".join(f"spinverse_fem.io.{m}" for m in
+                   ("atomic", "kappa", "outputs", "plots", "ply", "signals", "targets"))
+    outside = {m for m in _package_modules_after(io)
+               if not m.startswith(("spinverse_fem.io", "spinverse_fem.errors",
+                                    "spinverse_fem.config"))}
+    assert outside == set()
+    loaded = _package_modules_after("spinverse_fem.evaluation.interface")
+    assert not {m for m in loaded if m.startswith("spinverse_fem.io")}

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward.model import ForwardModel
-from spinverse_fem.inverse.model import FaceParameters, InverseProblem, PriorWeights
+from spinverse_fem.evaluation.scoring import score
+from spinverse_fem.inverse.case import Case
 from spinverse_fem.inverse.driver import Inversion
-from spinverse_fem.inverse.misfit import SignalMisfit
+from spinverse_fem.inverse.model import Model, PriorWeights
 from spinverse_fem.inverse.optimisers import Adam
-from spinverse_fem.inverse.priors import GeometricPriors
-from spinverse_fem.geometry.phantom import build_phantom
-from spinverse_fem.forward.synthetic import simulate_targets
+from spinverse_fem.inverse.parameters import ParameterMap
+from spinverse_fem.inverse.taylor import taylor_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,30 +85,22 @@ def test_full_objective_taylor(comm):
     """Reference: Taylor remainders of misfit + continuity + manifold in x = log10 kappa
     (second order, rate >= 1.9)."""
     cfg = sphere_config()
-    problem = build_phantom(cfg)
-    targets, s0, _ = simulate_targets(comm, cfg)
-    model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
-    misfit = SignalMisfit(model, [cfg.sequences[0]], [targets[0]], weight=100.0,
-                          normalisation="reference", s0_reference=[s0[0]], num_modes=40)
-    params = FaceParameters(problem.active, -2.0, 2.0, np.full(problem.faces.num_faces, 100.0))
-    priors = GeometricPriors(problem.faces.faces, active=problem.active)
-    ip = InverseProblem(params, misfit, priors, PriorWeights(2.0, 1.5))
+    case = Case(comm, cfg)
+    misfit = case.misfit([0], num_modes=40)
+    problem = case.phantom
+    params = ParameterMap(problem.active, -2.0, 2.0, np.full(problem.faces.num_faces, 100.0))
     rng = np.random.default_rng(4)
     x = rng.uniform(-1.0, 1.0, params.size)
-    ip.refresh_continuity_weights(x)
-    f0, g = ip.cost_and_gradient(x)
-    d = rng.standard_normal(x.size)
-    rem = [abs(ip.cost_and_gradient(x + h * d)[0] - f0 - h * g @ d) for h in 2e-3 / 2.0 ** np.arange(5)]
-    rates = np.log2(np.array(rem[:-1]) / np.array(rem[1:]))
-    assert min(rates) >= 1.9
+    model = Model(params, misfit, case.priors, PriorWeights(2.0, 1.5), reference_x=x)
+    res = taylor_test(model, x, direction=rng.standard_normal(x.size), h0=2e-3, halvings=4)
+    assert min(res.rates1) >= 1.9, res.rates1
 
 
 def run_inversion(comm, cfg, checkpoint=None, state=None):
-    problem = build_phantom(cfg)
-    targets, s0, _ = simulate_targets(comm, cfg)
-    model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
-    inv = Inversion(comm, cfg, problem, model, targets, s0, truth=problem.membrane,
-                    log=lambda s: None)
+    case = Case(comm, cfg)
+    threshold = cfg.inversion.threshold_um_per_ms
+    inv = Inversion(case, log=lambda s: None,
+                    observer=lambda k: score(case.phantom, k, threshold, case.truth))
     st = inv.run(state or inv.initial_state(), checkpoint=checkpoint)
     return inv, st
 
@@ -118,7 +109,7 @@ def test_small_inversion_recovers_sphere(comm):
     """Reference: the ground-truth membrane (24 faces of a sphere r = 10 um on the bcc n = 3
     grid); noiseless targets, staged 10/60 -> 10/20 ms, Adam: face IoU >= 0.8 and CD-L2 small."""
     inv, st = run_inversion(comm, sphere_config("adam", 40))
-    m = inv.interface_metrics(inv.kappa(st.x))
+    m = inv.observer(inv.kappa(st.x))
     print(f"sphere n=3: {m}")
     assert m["iou"] >= 0.8
     assert m["cd_l2"] <= 3.0
@@ -185,7 +176,7 @@ def test_resume_after_kill_gives_same_kappa(tmp_path):
     # metrics.json's CD-L2 against an independent recomputation from the PLY file
     import json
 
-    from spinverse_fem.evaluation.interface import read_ply
+    from spinverse_fem.io.ply import read_ply
     from spinverse_fem.evaluation.metrics import chamfer_l2
 
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())

@@ -69,7 +69,7 @@ def test_round_trip_is_exact(grid, tmp_path):
 
 
 def test_failed_write_leaves_no_file(grid, tmp_path):
-    """Reference: the atomic-write contract of signals_io.atomic_h5 (nothing on failure)."""
+    """Reference: the atomic-write contract of io.atomic.atomic_h5 (nothing on failure)."""
     faces, points = grid
     path = tmp_path / "kappa.h5"
     with pytest.raises(TypeError):

@@ -10,22 +10,18 @@ from spinverse_fem.parallel import world
 
 def cmd_evaluate(args) -> int:
     """Metrics of a result/kappa file (or PLY) against a ground truth (config or paper .npz)."""
-    from spinverse_fem.evaluation.compartments import compare_compartments
     from spinverse_fem.config import load_config
-    from spinverse_fem.evaluation.interface import extract_interface
-    from spinverse_fem.io.kappa import read_kappa
-    from spinverse_fem.evaluation.metrics import evaluate
+    from spinverse_fem.evaluation.scoring import score
     from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.io.kappa import read_kappa
 
     comm = world()
     cfg = load_config(args.config)
-    problem = build_phantom(cfg)
-    kappa = read_kappa(args.result, problem.faces.faces, problem.grid.points)
-    pred = extract_interface(kappa, args.threshold or cfg.inversion.threshold_um_per_ms,
-                             problem.active)
-    m = evaluate(problem.grid.points, problem.faces.faces, pred, problem.membrane)
-    m.update(compare_compartments(problem.faces, pred, problem.membrane,
-                                  outer_drains=problem.outer == "robin"))
+    phantom = build_phantom(cfg)
+    kappa = read_kappa(args.result, phantom.faces.faces, phantom.grid.points)
+    threshold = (args.threshold if args.threshold is not None
+                 else cfg.inversion.threshold_um_per_ms)
+    m = score(phantom, kappa, threshold, phantom.membrane)
     if comm.rank == 0:
         text = json.dumps(m, indent=2, sort_keys=True)
         if args.out:

@@ -56,69 +56,35 @@ TAYLOR_MIN_RATE = 1.9
 class Evaluation:
     """Everything one command needs: the problem, the kappa to evaluate at and the misfit.
 
-    misfit: objective.SignalMisfit or objective_full.FullOrderMisfit; kappa (F,) um/ms;
+    misfit: inverse.misfit.ReducedMisfit or FullOrderMisfit (built by the Case); kappa (F,) um/ms;
     modes: fixed reduced mode count K (0 for the full model); names: active sequence names.
     """
 
     def __init__(self, args, comm):
         from spinverse_fem.config import load_config
-        from spinverse_fem.forward.model import ForwardModel
+        from spinverse_fem.inverse.case import Case
         from spinverse_fem.io.kappa import read_kappa
-        from spinverse_fem.geometry.phantom import build_phantom
-        from spinverse_fem.io.targets import load_targets
 
         self.comm = comm
         self.model_name = args.model
         cfg = self.cfg = load_config(args.config)
         idx = _sequence_indices(cfg, args.sequences, str(args.config))
-        targets, s0 = load_targets(args.target, cfg)
-        inv = cfg.inversion
-        self.normalisation = inv.normalisation
-        if self.normalisation == "reference" and s0 is None:
-            raise InputError(str(args.target), "s0_um3", "missing: inversion.normalisation = "
-                             "\"reference\" needs the reference b = 0 signal of every sequence "
-                             "(written by `spinverse simulate`); or use normalisation = \"own\"")
+        self.case = case = Case(comm, cfg, target_file=args.target)
+        case.targets  # read and checked before any solve
+        self.normalisation = cfg.inversion.normalisation
         self.sequences = [cfg.sequences[i] for i in idx]
         self.names = [s.name for s in self.sequences]
-        targets = [targets[i] for i in idx]
-        s0 = None if s0 is None else [s0[i] for i in idx]
-        self.problem = problem = build_phantom(cfg)
-        faces, points = problem.faces.faces, problem.grid.points
+        self.problem = problem = case.phantom
         if args.kappa is not None:
-            self.kappa = read_kappa(args.kappa, faces, points)
+            self.kappa = read_kappa(args.kappa, problem.faces.faces, problem.grid.points)
             self.kappa_source = str(args.kappa)
         else:
-            self.kappa = np.full(problem.faces.num_faces, float(inv.start_um_per_ms))
-            self.kappa_source = f"inversion.start_um_per_ms = {inv.start_um_per_ms:g}"
-        self.forward = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
-        self._full = None
-        self.time_step_ms = None
-        common = dict(weight=inv.misfit_weight, normalisation=self.normalisation,
-                      s0_reference=s0)
-        if args.model == "full":
-            from spinverse_fem.forward.full_order import FullOrderModel
-            from spinverse_fem.inverse.misfit_full import FullOrderMisfit
-
-            self.time_step_ms = cfg.full_order.time_step_ms
-            self._full = FullOrderModel(self.forward.ops, self.time_step_ms)
-            self.misfit = FullOrderMisfit(self._full, self.sequences, targets, **common)
-            self.modes = 0
-        else:
-            from spinverse_fem.inverse.misfit import SignalMisfit
-
-            self.misfit = SignalMisfit(self.forward, self.sequences, targets,
-                                       num_modes=args.modes, **common)
-            self.modes = self._fix_mode_count()
-
-    def _fix_mode_count(self) -> int:
-        """Solve at the evaluation kappa with the model's rule (or --modes), then freeze K."""
-        self.misfit.objective(self.kappa)
-        state = getattr(self.misfit, "_state", None)
-        basis = state.get("basis") if isinstance(state, dict) else None
-        if basis is None:  # (the misfit keeps its basis privately; fall back to a fresh solve)
-            basis = self.forward.eigenbasis(self.kappa, self.misfit.num_modes)
-        self.misfit.num_modes = int(basis.num_modes)
-        return int(basis.num_modes)
+            self.kappa = case.start_kappa()
+            self.kappa_source = (f"inversion.start_um_per_ms = "
+                                 f"{cfg.inversion.start_um_per_ms:g}")
+        self.time_step_ms = cfg.full_order.time_step_ms if args.model == "full" else None
+        self.misfit = case.misfit(idx, model=args.model, num_modes=args.modes)
+        self.modes = 0 if args.model == "full" else self.misfit.freeze_modes(self.kappa)
 
     def describe(self) -> str:
         m = (f"reduced model, {self.modes} modes" if self.model_name == "reduced"
@@ -132,9 +98,7 @@ class Evaluation:
         return asdict(self.misfit.counters)
 
     def destroy(self) -> None:
-        if self._full is not None:
-            self._full.destroy()
-            self._full = None
+        self.case.destroy()
 
 
 def _sequence_indices(cfg, names, source: str) -> list[int]:
@@ -192,7 +156,7 @@ def cmd_objective(args) -> int:
     t0 = time.perf_counter()
     ev = Evaluation(args, comm)
     try:
-        value, grad = ev.misfit.objective_and_gradient(ev.kappa)
+        value, grad = ev.misfit.cost_and_gradient(ev.kappa)
     finally:
         ev.destroy()
     seconds = time.perf_counter() - t0
@@ -241,30 +205,6 @@ def register_objective(sub) -> None:
 
 # -- taylor ----------------------------------------------------------------------------------------
 
-class _Recorder:
-    """Wraps a misfit and records every objective(kappa) value (for the first-order column)."""
-
-    def __init__(self, misfit):
-        self.misfit = misfit
-        self.values: list[float] = []
-        self.J0 = None
-        self.grad = None
-
-    def objective(self, kappa):
-        v = self.misfit.objective(kappa)
-        self.values.append(float(v))
-        return v
-
-    def objective_and_gradient(self, kappa):
-        self.J0, self.grad = self.misfit.objective_and_gradient(kappa)
-        return self.J0, self.grad
-
-
-def _rates(r: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log2(r[:-1] / r[1:])
-
-
 def cmd_taylor(args) -> int:
     """Taylor test of the adjoint gradient in log kappa; exit 0 iff min second-order rate >= 1.9."""
     from spinverse_fem.inverse.taylor import taylor_test
@@ -272,24 +212,19 @@ def cmd_taylor(args) -> int:
     comm = world()
     t0 = time.perf_counter()
     ev = Evaluation(args, comm)
-    rec = _Recorder(ev.misfit)
-    d = np.random.default_rng(args.seed).standard_normal(ev.kappa.shape)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rates, r1 = taylor_test(rec, ev.kappa, direction=d, h0=args.h0,
-                                    halvings=args.halvings)
+            res = taylor_test(ev.misfit, ev.kappa, seed=args.seed, h0=args.h0,
+                              halvings=args.halvings, multiplicative=True)
     finally:
         ev.destroy()
     seconds = time.perf_counter() - t0
-    hs = args.h0 / 2.0 ** np.arange(args.halvings + 1)
-    slope = float(np.dot(rec.grad * ev.kappa, d))
-    r0 = np.abs(np.array(rec.values) - rec.J0)
-    rates0, rates = _rates(r0), np.asarray(rates, dtype=float)
+    hs, slope, r0, r1, rates0, rates = res.h, res.slope, res.r0, res.r1, res.rates0, res.rates1
     min_rate = float(np.min(rates)) if np.all(np.isfinite(rates)) else float("nan")
     passed = bool(min_rate >= TAYLOR_MIN_RATE)
     say(comm, f"taylor test ({ev.describe()})")
-    say(comm, f"  J = {rec.J0:.10e}; direction: seed {args.seed} in log kappa; "
+    say(comm, f"  J = {res.J0:.10e}; direction: seed {args.seed} in log kappa; "
               f"<kappa dJ/dkappa, d> = {slope:.6e}")
     say(comm, f"  {'h':>10}  {'|J(h)-J(0)|':>14}  {'rate':>6}  {'|J(h)-J(0)-h g.d|':>18}  "
               f"{'rate':>6}")
@@ -299,6 +234,8 @@ def cmd_taylor(args) -> int:
         say(comm, f"  {h:10.4e}  {r0[i]:14.6e}  {a}  {r1[i]:18.6e}  {b}")
     for w in caught:
         say(comm, f"  note: {w.message}")
+    if res.reaches_roundoff:
+        say(comm, "  note: Taylor remainders reach round-off; increase --h0")
     say(comm, f"min second-order rate {min_rate:.3f} "
               f"{'>=' if passed else 'below'} {TAYLOR_MIN_RATE}: "
               f"{'PASS' if passed else 'FAIL'} ({seconds:.2f} s)")
@@ -306,7 +243,7 @@ def cmd_taylor(args) -> int:
         _write_json(Path(args.json), dict(
             model=ev.model_name, normalisation=ev.normalisation, modes=ev.modes,
             time_step_ms=ev.time_step_ms, sequences=ev.names, seed=args.seed,
-            J=rec.J0, slope=slope, h=hs.tolist(), first_order_remainders=r0.tolist(),
+            J=res.J0, slope=slope, h=hs.tolist(), first_order_remainders=r0.tolist(),
             first_order_rates=rates0.tolist(), second_order_remainders=np.asarray(r1).tolist(),
             second_order_rates=rates.tolist(), min_second_order_rate=min_rate,
             threshold=TAYLOR_MIN_RATE, passed=passed, counters=ev.counters(),

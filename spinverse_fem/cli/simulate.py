@@ -12,23 +12,22 @@ from spinverse_fem.parallel import say, world
 
 def cmd_simulate(args) -> int:
     from spinverse_fem.config import load_config
-    from spinverse_fem.forward.model import ForwardModel
-    from spinverse_fem.io.plots import plot_signal_decay
-    from spinverse_fem.geometry.phantom import build_phantom
     from spinverse_fem.forward.reduced_model import b0_signal
+    from spinverse_fem.inverse.case import Case
+    from spinverse_fem.io.plots import plot_signal_decay
     from spinverse_fem.io.signals import table_from_sequences, write_signal_table
 
     comm = world()
     cfg = load_config(args.config)
     out = Path(args.out)
     t0 = time.perf_counter()
-    problem = build_phantom(cfg)
+    case = Case(comm, cfg)
+    problem, model = case.phantom, case.forward
     n_in = int(np.sum(problem.membrane & problem.faces.interior))
     n_out = int(np.sum(problem.membrane & problem.faces.outer))
     say(comm, f"grid: {problem.grid.num_tets} tetrahedra, {problem.faces.num_faces} faces; "
               f"membrane: {n_in} interior + {n_out} outer faces; outer = {problem.outer}; "
               f"{comm.size} rank(s)")
-    model = ForwardModel(comm, problem, cfg.physics, cfg.eigen)
     basis, system = model.reduce(problem.kappa)
     say(comm, f"eigenbasis: {basis.num_modes} modes, lambda in [{basis.lam[0]:.4g}, "
               f"{basis.lam[-1]:.4g}] 1/ms (cutoff {model.lam_max:.4g} 1/ms"

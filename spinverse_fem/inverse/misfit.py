@@ -1,12 +1,19 @@
-r"""Signal misfit of the reduced model and its exact gradient with respect to every kappa_f.
+r"""Signal misfits and their exact gradients with respect to every kappa_f.
 
-    J(kappa) = w / N  sum_c | S_c(kappa) / S0_c - T_c |^2      (c over the active measurements)
+    J(kappa) = w / N  sum_c | S_c(kappa) / S0_k - T_c |^2      (c over the active measurements,
+                                                                k the sequence of c)
 
-S0_c: the reference's b = 0 signal (normalisation "reference", as in the paper: a constant) or
-the model's own b = 0 signal at the same echo time ("own": depends on kappa).
+S0_k: the reference's b = 0 signal of sequence k (normalisation "reference", as in the paper: a
+constant in um^3) or the model's own b = 0 signal at the same echo time ("own": depends on
+kappa). Two forward models give S_c: the reduced (eigenbasis) model, `ReducedMisfit`, and the
+full-order Crank-Nicolson model, `FullOrderMisfit`. Both share `SignalMisfit`: the input checks,
+the residuals, and the cotangents of the normalised signals,
 
-Gradient (derivation in docs/adjoint.md): with Lbar (K x K, symmetric), Wbar_i, nu0bar the
-cotangents of the reduced generator Phi^T L Phi, W_i = Phi^T J_i Phi and nu0 = Phi^T M 1,
+    Sbar_c     = 2 w / N (S_c / S0_k - T_c) / S0_k                  (dJ/dRe S_c + i dJ/dIm S_c)
+    dJ/dS0_k   = -(1 / S0_k) sum_c Re( conj(2 w / N r_c) S_c / S0_k )   ("own" only).
+
+Reduced gradient (derivation in docs/adjoint.md): with Lbar (K x K, symmetric), Wbar_i, nu0bar
+the cotangents of the reduced generator Phi^T L Phi, W_i = Phi^T J_i Phi and nu0 = Phi^T M 1,
 
     G = 2 sum_i J_i Phi Wbar_i + (M 1) nu0bar^T                       (N x K)
     (L - lambda_k M) a_k = P^T g_k,  Phi^T M a_k = 0                  (k = 1..K)
@@ -14,47 +21,40 @@ cotangents of the reduced generator Phi^T L Phi, W_i = Phi^T J_i Phi and nu0 = P
 
 No division by eigenvalue gaps appears: exactly degenerate eigenvalues are handled exactly.
 The mode count K is fixed by the caller (per optimisation stage) so that J stays smooth.
+
+Full-order gradient: with "own" normalisation S0_k is computed by the same Crank-Nicolson
+recursion as the signals, by appending one b = 0 measurement to sequence k (gradient vector 0:
+the cheap real N x N path), so it is exactly the model's discrete b = 0 signal and its
+sensitivity enters the same adjoint sweep through the appended row's real cotangent dJ/dS0_k.
+
+All methods are collective; kappa (F,) in um/ms must be identical on every rank; gradients are
+dJ/dkappa (F,) in 1/(um/ms), canonical face order, replicated.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
 
-from spinverse_fem.inverse.complement_solver import ComplementSolver
-from spinverse_fem.forward.eigenbasis import apply
-from spinverse_fem.forward.model import ForwardModel
-from spinverse_fem.forward.propagator import SequencePropagator, exp_divided_differences
+from spinverse_fem.config.protocol import Sequence
 from spinverse_fem.fem.sensitivity import FaceSensitivity
+from spinverse_fem.forward.full_order import FullOrderModel
+from spinverse_fem.forward.model import ForwardModel
+from spinverse_fem.forward.propagator import exp_divided_differences
+from spinverse_fem.forward.reduced_model import b0_signal, project_with_products, propagator
+from spinverse_fem.inverse.complement_solver import ComplementSolver
 
 NORMALISATIONS = ("reference", "own")
 
 
-def set_misfit_inputs(misfit, sequences, targets, weight, normalisation, s0_reference) -> None:
-    """Check shapes and the normalisation choice, then set misfit.sequences, .targets (complex),
-    .weight, .normalisation and .s0_reference (um^3 per sequence or None)."""
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
-    if normalisation == "reference" and s0_reference is None:
-        raise ValueError("normalisation 'reference' needs s0_reference (um^3 per sequence)")
-    sequences = list(sequences)
-    targets = [np.asarray(t, dtype=complex) for t in targets]
-    if len(targets) != len(sequences):
-        raise ValueError(f"{len(targets)} targets for {len(sequences)} sequences")
-    for seq, t in zip(sequences, targets):
-        if t.shape != (seq.num_measurements,):
-            raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
-                             f"({seq.num_measurements},)")
-    misfit.sequences, misfit.targets = sequences, targets
-    misfit.weight = float(weight)
-    misfit.normalisation = normalisation
-    misfit.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
-
-
 @dataclass
 class Counters:
+    """Work done by a misfit: evaluations, solves, and wall time per phase (s)."""
+
     forward: int = 0
     adjoint: int = 0
     eigen_solves: int = 0
@@ -62,129 +62,244 @@ class Counters:
     cg_iterations: int = 0
     timings: dict = field(default_factory=dict)
 
+    @contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
 
 class SignalMisfit:
-    """J(kappa) and dJ/dkappa for a set of sequences and target signals.
+    """What every signal misfit shares: targets, weight, normalisation, residuals, cotangents.
 
-    model: ForwardModel; sequences: the active sequences; targets: list of (n_k,) complex S/S0;
-    weight: w (paper: 100); normalisation: "reference" (needs s0_reference, um^3 per sequence)
-    or "own"; num_modes: fixed mode count (None: the model's rule, re-evaluated each solve).
+    sequences: the active sequences; targets: list of (n_k,) complex S/S0; weight: w (paper:
+    100); normalisation: "reference" (needs s0_reference, um^3 per sequence) or "own".
+    Subclasses implement `_signals(kappa) -> (S per sequence (n_k,) um^3, S0 per sequence)` and
+    `_gradient(kappa, state) -> dJ/dkappa`.
+    """
+
+    num_modes: int | None = None
+
+    def __init__(self, sequences, targets, *, weight: float, normalisation: str,
+                 s0_reference):
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
+        if normalisation == "reference" and s0_reference is None:
+            raise ValueError("normalisation 'reference' needs s0_reference (um^3 per sequence)")
+        self.sequences = list(sequences)
+        self.targets = [np.asarray(t, dtype=complex) for t in targets]
+        if len(self.targets) != len(self.sequences):
+            raise ValueError(f"{len(self.targets)} targets for {len(self.sequences)} sequences")
+        for seq, t in zip(self.sequences, self.targets):
+            if t.shape != (seq.num_measurements,):
+                raise ValueError(f"target for {seq.name!r} has shape {t.shape}, expected "
+                                 f"({seq.num_measurements},)")
+        self.weight = float(weight)
+        self.normalisation = normalisation
+        self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
+        self.num_measurements = sum(s.num_measurements for s in self.sequences)
+        self.counters = Counters()
+        self._cache_key = None
+        self._state = None
+
+    @property
+    def scale(self) -> float:
+        """w / N: the weight of one squared residual."""
+        return self.weight / self.num_measurements
+
+    def _evaluate(self, kappa: np.ndarray) -> dict:
+        """The forward state at kappa (cached: the gradient reuses the cost's solve)."""
+        kappa = np.asarray(kappa, dtype=np.float64)
+        key = kappa.tobytes()
+        if self._cache_key == key:
+            return self._state
+        state = self._signals(kappa)
+        value, residuals, signals = 0.0, [], []
+        for S, s0, target in zip(state["S"], state["s0"], self.targets):
+            r = S / s0 - target
+            value += self.scale * float(np.sum(np.abs(r) ** 2))
+            residuals.append(r)
+            signals.append(S / s0)
+        state.update(value=value, residuals=residuals, signals=signals)
+        self.counters.forward += 1
+        self._state, self._cache_key = state, key
+        return state
+
+    def output_cotangents(self, state: dict, k: int) -> tuple[np.ndarray, float | None]:
+        """(Sbar (n_k,) = dJ/dRe S + i dJ/dIm S in 1/um^3, dJ/dS0_k or None for "reference")."""
+        shat_bar = 2.0 * self.scale * state["residuals"][k]      # cotangent of S / S0
+        s0 = state["s0"][k]
+        if self.normalisation != "own":
+            return shat_bar / s0, None
+        s0_bar = -float(np.sum(np.real(np.conj(shat_bar) * state["signals"][k]))) / s0
+        return shat_bar / s0, s0_bar
+
+    # -- the functional --------------------------------------------------------------------
+    def cost(self, kappa: np.ndarray) -> float:
+        """J(kappa) (dimensionless)."""
+        return self._evaluate(kappa)["value"]
+
+    def signals(self, kappa: np.ndarray) -> list[np.ndarray]:
+        """Normalised model signals S/S0 per sequence at kappa."""
+        return self._evaluate(kappa)["signals"]
+
+    def cost_and_gradient(self, kappa: np.ndarray) -> tuple[float, np.ndarray]:
+        """(J, dJ/dkappa (F,) in 1/(um/ms), canonical face order, replicated)."""
+        state = self._evaluate(kappa)
+        grad = self._gradient(np.asarray(kappa, dtype=np.float64), state)
+        self.counters.adjoint += 1
+        return state["value"], grad
+
+    def gradient(self, kappa: np.ndarray) -> np.ndarray:
+        return self.cost_and_gradient(kappa)[1]
+
+
+
+class ReducedMisfit(SignalMisfit):
+    """The misfit of the reduced (eigenbasis) model.
+
+    model: ForwardModel; num_modes: fixed mode count (None: the model's rule, re-evaluated each
+    solve); adjoint_rtol: relative tolerance of the complement CG; taylor_tol: tolerance of the
+    dense exponential actions (2^-53: exact to round-off, for Taylor tests).
     """
 
     def __init__(self, model: ForwardModel, sequences, targets, *, weight: float = 1.0,
                  normalisation: str = "own", s0_reference=None, num_modes: int | None = None,
                  adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53):
+        super().__init__(sequences, targets, weight=weight, normalisation=normalisation,
+                         s0_reference=s0_reference)
         self.model = model
-        set_misfit_inputs(self, sequences, targets, weight, normalisation, s0_reference)
         self.num_modes = num_modes
         # 1e-8: the gradient changes by ~1e-11 relative against 1e-11 (measured), far below the
         # 7e-8 agreement with finite differences, at about half the CG iterations
         self.adjoint_rtol = adjoint_rtol
         self.taylor_tol = taylor_tol
-        self.num_measurements = sum(s.num_measurements for s in self.sequences)
-        self.counters = Counters()
         self._sens = None
-        self._cache_key = None
-        self._state = None
 
     @property
     def comm(self) -> MPI.Comm:
         return self.model.comm
 
-    # -- forward ---------------------------------------------------------------------------
-    def _forward(self, kappa: np.ndarray):
-        kappa = np.asarray(kappa, dtype=np.float64)
-        key = kappa.tobytes()
-        if self._cache_key == key:
-            return self._state
-        basis = self.model.eigenbasis(kappa, self.num_modes)
+    def freeze_modes(self, kappa: np.ndarray) -> int:
+        """Solve at kappa with the current rule (the [eigen] rule, or num_modes), then fix K to
+        the count found: J is smooth in kappa only at a fixed K. Returns K."""
+        self.num_modes = int(self._evaluate(kappa)["basis"].num_modes)
+        return self.num_modes
+
+    def _signals(self, kappa: np.ndarray) -> dict:
+        with self.counters.timed("eigen"):
+            basis = self.model.eigenbasis(kappa, self.num_modes)
         self.counters.eigen_solves += 1
-        ops = self.model.ops
-        JPhi = [apply(J, basis.phi) for J in ops.J]
-        W = np.stack([self.comm.allreduce(basis.phi.T @ jp, op=MPI.SUM) for jp in JPhi])
-        W = 0.5 * (W + W.transpose(0, 2, 1))
-        m1 = ops.mass_ones.getArray()
-        nu0 = self.comm.allreduce(basis.phi.T @ m1, op=MPI.SUM)
-        lam = basis.lam
-        value = 0.0
-        props, s0s, residuals, signals = [], [], [], []
-        scale = self.weight / self.num_measurements
-        for k, (seq, target) in enumerate(zip(self.sequences, self.targets)):
-            prop = SequencePropagator(lam, W, nu0, seq.segments, seq.q_per_um_ms(),
-                                      seq.directions, tol=self.taylor_tol)
-            S = prop.signals()
-            if self.normalisation == "own":
-                s0 = float(np.sum(nu0**2 * np.exp(-seq.echo_time_ms * lam)))
-            else:
-                s0 = self.s0_reference[k]
-            r = S / s0 - target
-            value += scale * float(np.sum(np.abs(r) ** 2))
-            props.append(prop)
-            s0s.append(s0)
-            residuals.append(r)
-            signals.append(S / s0)
-        self.counters.forward += 1
-        self._state = dict(basis=basis, JPhi=JPhi, W=W, nu0=nu0, m1=m1, props=props, s0=s0s,
-                           residuals=residuals, signals=signals, value=value)
-        self._cache_key = key
-        return self._state
+        with self.counters.timed("projection"):
+            system, products = project_with_products(self.model.ops, basis)
+        props, S, s0 = [], [], []
+        with self.counters.timed("propagation"):
+            for k, seq in enumerate(self.sequences):
+                prop = propagator(system, seq, tol=self.taylor_tol)
+                props.append(prop)
+                S.append(prop.signals())
+                s0.append(b0_signal(system, seq.echo_time_ms) if self.normalisation == "own"
+                          else self.s0_reference[k])
+        return dict(basis=basis, system=system, products=products, props=props, S=S, s0=s0)
 
-    def clear_cache(self) -> None:
-        """Forget the cached forward state (the next call re-solves the eigenproblem)."""
-        self._cache_key = None
-        self._state = None
-
-    def objective(self, kappa: np.ndarray) -> float:
-        return self._forward(kappa)["value"]
-
-    def signals(self, kappa: np.ndarray) -> list[np.ndarray]:
-        """Normalised model signals S/S0 per sequence at kappa."""
-        return self._forward(kappa)["signals"]
-
-    # -- adjoint ---------------------------------------------------------------------------
-    def reduced_cotangents(self, kappa):
+    def reduced_cotangents(self, kappa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Lbar (K,K), Wbar (3,K,K), nu0bar (K,)): dJ with respect to the reduced quantities."""
-        st = self._forward(kappa)
-        lam, nu0 = st["basis"].lam, st["nu0"]
+        st = self._evaluate(kappa)
+        lam, nu0 = st["system"].lam, st["system"].nu0
         K = lam.size
         Lbar, Wbar, nbar = np.zeros((K, K)), np.zeros((3, K, K)), np.zeros(K)
-        scale = self.weight / self.num_measurements
-        for seq, prop, s0, r, S in zip(self.sequences, st["props"], st["s0"], st["residuals"],
-                                       st["signals"]):
-            shat_bar = 2.0 * scale * r                   # cotangent of S/S0
-            lb, wb, nb = prop.vjp(shat_bar / s0, full_lam=True)
-            Lbar += lb
-            Wbar += wb
-            nbar += nb
-            if self.normalisation == "own":
-                # S0 = nu0^T exp(-TE Lambda) nu0 also depends on kappa
-                s0_bar = -float(np.sum(np.real(np.conj(shat_bar) * S))) / s0
-                te = seq.echo_time_ms
-                Lbar += s0_bar * np.outer(nu0, nu0) * exp_divided_differences(lam, te)
-                nbar += s0_bar * 2.0 * nu0 * np.exp(-te * lam)
+        with self.counters.timed("propagation_vjp"):
+            for k, (seq, prop) in enumerate(zip(self.sequences, st["props"])):
+                sbar, s0_bar = self.output_cotangents(st, k)
+                lb, wb, nb = prop.vjp(sbar, full_lam=True)
+                Lbar += lb
+                Wbar += wb
+                nbar += nb
+                if s0_bar is not None:
+                    # S0 = nu0^T exp(-TE Lambda) nu0 also depends on kappa
+                    te = seq.echo_time_ms
+                    Lbar += s0_bar * np.outer(nu0, nu0) * exp_divided_differences(lam, te)
+                    nbar += s0_bar * 2.0 * nu0 * np.exp(-te * lam)
         return 0.5 * (Lbar + Lbar.T), Wbar, nbar
 
-    def objective_and_gradient(self, kappa: np.ndarray) -> tuple[float, np.ndarray]:
-        """(J, dJ/dkappa (F,) in 1/(um/ms), canonical face order, replicated)."""
-        st = self._forward(kappa)
-        basis = st["basis"]
+    def _gradient(self, kappa: np.ndarray, st: dict) -> np.ndarray:
+        basis, products = st["basis"], st["products"]
         phi = basis.phi
         Lbar, Wbar, nbar = self.reduced_cotangents(kappa)
-        G = 2.0 * sum(st["JPhi"][i] @ Wbar[i] for i in range(3)) + np.outer(st["m1"], nbar)
+        G = (2.0 * sum(products.JPhi[i] @ Wbar[i] for i in range(3))
+             + np.outer(products.m1, nbar))
         ops = self.model.ops
-        solver = ComplementSolver(ops.L, ops.M, basis.lam, phi, basis.extra_lam, basis.extra_phi,
-                                  sigma=basis.sigma, rtol=self.adjoint_rtol)
-        try:
-            A = solver.solve(G)
-        finally:
-            solver.destroy()
+        with self.counters.timed("adjoint_solve"):
+            solver = ComplementSolver(ops.L, ops.M, basis.lam, phi, basis.extra_lam,
+                                      basis.extra_phi, sigma=basis.sigma, rtol=self.adjoint_rtol)
+            try:
+                A = solver.solve(G)
+            finally:
+                solver.destroy()
         self.counters.linear_solves += solver.solves
         self.counters.cg_iterations += solver.iterations
-        if self._sens is None:
-            self._sens = FaceSensitivity(ops)
-        grad = self._sens(phi @ Lbar - A, phi)
-        self.counters.adjoint += 1
-        return st["value"], grad
+        with self.counters.timed("sensitivity"):
+            if self._sens is None:
+                self._sens = FaceSensitivity(ops)
+            return self._sens(phi @ Lbar - A, phi)
 
-    def gradient(self, kappa: np.ndarray) -> np.ndarray:
-        return self.objective_and_gradient(kappa)[1]
+
+def with_b0_row(seq) -> Sequence:
+    """`seq` with one extra measurement b = 0 (direction x) appended as the last row."""
+    return Sequence(seq.name, seq.segments, np.append(seq.b_s_per_mm2, 0.0),
+                    np.vstack([seq.directions, [[1.0, 0.0, 0.0]]]))
+
+
+class FullOrderMisfit(SignalMisfit):
+    """The misfit of the full-order Crank-Nicolson model (no modal reduction).
+
+    model: FullOrderModel. Cost: `cost` is one forward sweep per sequence; the gradient needs
+    the signals before it can form the cotangents, so it is one forward sweep (reused if `cost`
+    was just called at the same kappa) plus one forward-and-backward sweep per sequence.
+    """
+
+    def __init__(self, model: FullOrderModel, sequences, targets, *, weight: float = 1.0,
+                 normalisation: str = "own", s0_reference=None):
+        super().__init__(sequences, targets, weight=weight, normalisation=normalisation,
+                         s0_reference=s0_reference)
+        self.model = model
+        # the sequences actually simulated (with the b = 0 row for "own")
+        self._sim = [with_b0_row(s) if normalisation == "own" else s for s in self.sequences]
+
+    @property
+    def comm(self) -> MPI.Comm:
+        return self.model.comm
+
+    def _signals(self, kappa: np.ndarray) -> dict:
+        with self.counters.timed("forward"):
+            raw = [self.model.signals(seq, kappa=kappa) for seq in self._sim]
+        S, s0 = [], []
+        for k, seq in enumerate(self.sequences):
+            n = seq.num_measurements
+            if self.normalisation == "own":
+                S.append(raw[k][:n])
+                s0.append(float(raw[k][n].real))
+            else:
+                S.append(raw[k])
+                s0.append(self.s0_reference[k])
+        return dict(S=S, s0=s0)
+
+    def cotangents(self, kappa: np.ndarray) -> list[np.ndarray]:
+        """Per simulated sequence, Sbar = dJ/dRe S + i dJ/dIm S of its rows (incl. the b = 0 row
+        for "own")."""
+        st = self._evaluate(kappa)
+        out = []
+        for k in range(len(self.sequences)):
+            sbar, s0_bar = self.output_cotangents(st, k)
+            out.append(sbar if s0_bar is None else np.append(sbar, s0_bar + 0.0j))
+        return out
+
+    def _gradient(self, kappa: np.ndarray, st: dict) -> np.ndarray:
+        grad = None
+        with self.counters.timed("adjoint"):
+            for seq, sbar in zip(self._sim, self.cotangents(kappa)):
+                _, g = self.model.signals_and_vjp(seq, sbar, kappa=kappa)
+                grad = g if grad is None else grad + g
+        return grad

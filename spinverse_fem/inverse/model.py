@@ -1,10 +1,13 @@
-r"""The inverse problem: data misfit + geometric priors on x = log10(kappa / (1 um/ms)).
+r"""The model of the inverse problem: one object joins the parameter map, the signal misfit and
+the geometric priors, and is all an optimiser sees (cf. hIPPYlib's Model, pyadjoint's
+ReducedFunctional):
 
-    Phi(x) = w_d J_d(kappa(x)) + w_c C(x; w_ij) + w_m(t) Mfd(x)
+    Phi(x) = J_d(kappa(x)) + w_c C(x; w_ij) + w_m Mfd(x),     x = log10(kappa / (1 um/ms))
 
-x lives on the active faces (interior faces, plus outer faces when they are robin); inactive
-faces keep a fixed kappa. The optimiser sees only `cost` and `gradient` and the bounds.
-dJ/dx = dJ/dkappa * kappa * ln 10.
+J_d: a `SignalMisfit` (reduced or full order); C: continuity prior with weights w_ij held fixed
+between `update_prior_weights` calls (they are evaluated at a reference point and not
+differentiated); Mfd: the manifold prior. The gradient is exact: the misfit's adjoint pulled
+back through the parameter map, plus the priors' analytic gradients.
 """
 
 from __future__ import annotations
@@ -13,81 +16,82 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spinverse_fem.inverse.parameters import ParameterMap
 from spinverse_fem.inverse.priors import GeometricPriors
-
-LN10 = np.log(10.0)
-
-
-@dataclass(frozen=True)
-class FaceParameters:
-    """active: (F,) bool; lower/upper: log10 bounds (um/ms); fixed_kappa: (F,) values used on
-    inactive faces."""
-
-    active: np.ndarray
-    lower: float
-    upper: float
-    fixed_kappa: np.ndarray
-
-    @property
-    def size(self) -> int:
-        return int(np.sum(self.active))
-
-    def kappa(self, x: np.ndarray) -> np.ndarray:
-        k = self.fixed_kappa.copy()
-        k[self.active] = 10.0 ** np.asarray(x)
-        return k
-
-    def x_of(self, kappa: np.ndarray) -> np.ndarray:
-        return np.log10(np.asarray(kappa)[self.active])
-
-    def full_log10(self, x: np.ndarray) -> np.ndarray:
-        """(F,) log10 kappa on every face (inactive faces from fixed_kappa)."""
-        return np.log10(self.kappa(x))
 
 
 @dataclass
 class PriorWeights:
+    """w_c (continuity) and w_m (manifold), dimensionless."""
+
     continuity: float
     manifold: float
 
 
-class InverseProblem:
-    """misfit: SignalMisfit-like (objective_and_gradient in kappa); priors: GeometricPriors on
-    all faces with the active mask; weights may change between optimiser segments."""
+class Model:
+    """params: ParameterMap; misfit: a SignalMisfit (cost / cost_and_gradient in kappa);
+    priors: GeometricPriors on all faces with the active mask; weights: PriorWeights;
+    reference_x: where the continuity weights w_ij are first evaluated.
 
-    def __init__(self, params: FaceParameters, misfit, priors: GeometricPriors,
-                 weights: PriorWeights):
+    All methods are collective; x (params.size,) must be identical on every rank.
+    """
+
+    def __init__(self, params: ParameterMap, misfit, priors: GeometricPriors,
+                 weights: PriorWeights, reference_x: np.ndarray):
         self.params = params
         self.misfit = misfit
         self.priors = priors
-        self.weights = weights
+        self.weights = PriorWeights(weights.continuity, weights.manifold)
         self.continuity_w = None
         self.last_terms: dict = {}
         self._cache = None  # (x bytes, weights) -> (total, grad, terms)
+        self.update_prior_weights(reference_x, self.weights.manifold)
 
-    def refresh_continuity_weights(self, x: np.ndarray) -> None:
-        """w_ij = clip(1 - |p_i - p_j|, 0, 1) at x, then held fixed (not differentiated)."""
+    @property
+    def num_modes(self) -> int | None:
+        return self.misfit.num_modes
+
+    @property
+    def counters(self):
+        return self.misfit.counters
+
+    def update_prior_weights(self, x: np.ndarray, manifold: float) -> None:
+        """Re-evaluate w_ij = clip(1 - |p_i - p_j|, 0, 1) at x (then held fixed) and set the
+        manifold weight (the driver's ramp)."""
         self.continuity_w = self.priors.continuity_weights(self.params.full_log10(x))
+        self.weights.manifold = float(manifold)
         self._cache = None
 
+    def _priors(self, xf: np.ndarray):
+        jc, gc = self.priors.continuity(xf, self.continuity_w)
+        jm, gm = self.priors.manifold(xf)
+        return jc, gc, jm, gm
+
+    def cost(self, x: np.ndarray) -> float:
+        """Phi(x) (dimensionless)."""
+        kappa = self.params.to_kappa(x)
+        jd = self.misfit.cost(kappa)
+        jc, _, jm, _ = self._priors(np.log10(kappa))
+        return float(jd + self.weights.continuity * jc + self.weights.manifold * jm)
+
     def cost_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """(Phi(x), dPhi/dx (params.size,)); the terms are kept in `last_terms`."""
         key = (np.asarray(x).tobytes(), self.weights.continuity, self.weights.manifold)
         if self._cache is not None and self._cache[0] == key:
             self.last_terms = dict(self._cache[3])
             return self._cache[1], self._cache[2].copy()
         p = self.params
-        kappa = p.kappa(x)
-        jd, gk = self.misfit.objective_and_gradient(kappa)
-        grad = gk[p.active] * kappa[p.active] * LN10
-        xf = np.log10(kappa)
-        if self.continuity_w is None:
-            self.refresh_continuity_weights(x)
-        jc, gc = self.priors.continuity(xf, self.continuity_w)
-        jm, gm = self.priors.manifold(xf)
-        total = jd + self.weights.continuity * jc + self.weights.manifold * jm
-        grad = grad + self.weights.continuity * gc[p.active] + self.weights.manifold * gm[p.active]
+        kappa = p.to_kappa(x)
+        jd, gk = self.misfit.cost_and_gradient(kappa)
+        grad = p.pullback(kappa, gk)
+        jc, gc, jm, gm = self._priors(np.log10(kappa))
+        w = self.weights
+        total = jd + w.continuity * jc + w.manifold * jm
+        grad = grad + w.continuity * gc[p.active] + w.manifold * gm[p.active]
         self.last_terms = dict(misfit=jd, continuity=jc, manifold=jm, total=total,
-                               continuity_weight=self.weights.continuity,
-                               manifold_weight=self.weights.manifold)
+                               continuity_weight=w.continuity, manifold_weight=w.manifold)
         self._cache = (key, float(total), grad.copy(), dict(self.last_terms))
         return float(total), grad
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        return self.cost_and_gradient(x)[1]

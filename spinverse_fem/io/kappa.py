@@ -1,16 +1,5 @@
-"""Per-face permeability files (HDF5): kappa on the canonical faces of one grid.
-
-Datasets:
-    kappa_um_per_ms  (F,)   float64, kappa_f in um/ms, canonical face order
-    faces            (F, 3) int64, sorted vertex ids of each face (lexicographic rows), the
-                            canonical order of spinverse_fem.geometry.topology
-    vertices         (V, 3) float64, grid vertex coordinates in um
-Attributes: units, plus whatever the writer passes (e.g. the config text).
-
-The faces and vertices make the file self-describing: `read_kappa` refuses a file written for
-another grid (faces compared exactly, vertices to 1e-6 um) instead of silently mapping values to
-the wrong faces. Written by the calling rank (call from rank 0 only) into a temporary file that
-replaces the target only when complete (signals_io.atomic_h5).
+"""Per-face permeability files (HDF5): kappa (um/ms) on the canonical faces of one grid, with
+the grid itself; layout: docs/file_formats.md.
 """
 
 from __future__ import annotations
@@ -21,7 +10,8 @@ import h5py
 import numpy as np
 
 from spinverse_fem.errors import InputError
-from spinverse_fem.io.signals import atomic_h5, open_h5
+from spinverse_fem.io.atomic import atomic_h5
+from spinverse_fem.io.signals import open_h5
 
 VERTEX_TOL_UM = 1e-6
 DATASETS = ("kappa_um_per_ms", "faces", "vertices")
@@ -30,8 +20,9 @@ DATASETS = ("kappa_um_per_ms", "faces", "vertices")
 def write_kappa(path, kappa_um_per_ms, faces, vertices, attrs: dict | None = None) -> None:
     """Write kappa (F,) um/ms with its grid: faces (F, 3) canonical, vertices (V, 3) um.
 
-    attrs: extra HDF5 attributes (str, numbers). Raises ValueError on inconsistent shapes (a
-    programming error, not user input).
+    attrs: extra HDF5 attributes (str, numbers). Written atomically by the calling rank (call
+    from rank 0 only). Raises ValueError on inconsistent shapes (a programming error, not user
+    input).
     """
     kappa = np.asarray(kappa_um_per_ms, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)

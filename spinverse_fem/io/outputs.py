@@ -1,31 +1,17 @@
-"""Files an inversion leaves behind (rank 0 only; each written atomically).
-
-result.h5        kappa per face at the end of each stage and at the end, history of every term
-interface.xdmf   every grid face with cell data: interface (0/1), truth (0/1), log10 kappa; ParaView
-                 (XDMF 3 + HDF5 heavy data in interface.h5)
-interface.ply    the extracted interface triangles
-metrics.json     CD-L2 (paper, uncentred, area), BadEdge/Open/Branch %, face precision/recall/IoU
-history.png      misfit and CD-L2 against iteration, stage switches marked
+"""Files an inversion leaves behind: result.h5, interface.xdmf (+ interface.h5), interface.ply,
+metrics.json, history.png (rank 0 only; each written atomically). Contents and units:
+docs/file_formats.md.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from spinverse_fem.evaluation.interface import write_ply
-from spinverse_fem.io.signals import atomic_h5
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from spinverse_fem.io.atomic import (atomic_h5, save_figure_atomic, write_json_atomic,
+                                     write_text_atomic)
+from spinverse_fem.io.ply import write_ply
 
 
 def write_result(path: Path, problem, state, final_kappa, interface, config_text, attrs) -> None:
@@ -76,7 +62,7 @@ def write_interface_xdmf(path: Path, problem, kappa, interface) -> None:
            + attr("interface", "interface", "Int", 4) + attr("truth", "truth", "Int", 4)
            + attr("log10_kappa_um_per_ms", "log10_kappa", "Float", 8)
            + '    </Grid>\n  </Domain>\n</Xdmf>\n')
-    _atomic_text(path, xml)
+    write_text_atomic(path, xml)
 
 
 def write_interface_ply(path: Path, problem, interface) -> None:
@@ -84,7 +70,8 @@ def write_interface_ply(path: Path, problem, interface) -> None:
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    _atomic_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    """metrics.json; a non-finite metric is written as null (JSON has no NaN)."""
+    write_json_atomic(path, metrics)
 
 
 def plot_history(path: Path, history: dict, stage_names) -> None:
@@ -116,7 +103,7 @@ def plot_history(path: Path, history: dict, stage_names) -> None:
                        fontsize=8)
     fig.suptitle("Inversion history")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -1,10 +1,11 @@
-"""Figures people would rather look at than read (matplotlib, Agg backend, rank 0 only)."""
+"""Figures people would rather look at than read (matplotlib, Agg backend, rank 0 only; each
+written atomically)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+
+from spinverse_fem.io.atomic import save_figure_atomic
 
 
 def _pyplot():
@@ -36,6 +37,7 @@ def plot_signal_decay(table, path, title: str = "") -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="delta/Delta")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -1,16 +1,8 @@
-"""Signal tables in HDF5: one row per measurement (sequence, then b, then direction).
-
-Datasets: signal_real, signal_imag (S/S0), b_s_per_mm2, delta_ms, Delta_ms (NaN for general
-waveforms), echo_time_ms, direction (n, 3), sequence_index (n,); attributes: sequence_names
-(JSON list), config (the TOML text), units. Written by rank 0 into a temporary file that
-replaces the target only when complete, so a failed run leaves no partial file.
-"""
+"""Signal tables (S/S0 per measurement) in HDF5; layout and units: docs/file_formats.md."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +10,8 @@ import h5py
 import numpy as np
 
 from spinverse_fem.errors import InputError
+# re-exported: callers outside io (cli/objective.py, inverse/) still import atomic_h5 from here
+from spinverse_fem.io.atomic import atomic_h5
 
 REQUIRED = ("signal_real", "signal_imag", "b_s_per_mm2", "direction", "sequence_index")
 
@@ -59,38 +53,17 @@ def table_from_sequences(sequences, signals, config_text: str = "", s0=None) -> 
         cols["te"].append(np.full(n, seq.echo_time_ms))
     return SignalTable(signal=np.concatenate([np.asarray(s, dtype=complex) for s in signals]),
                        b_s_per_mm2=np.concatenate(cols["b"]), direction=np.vstack(cols["d"]),
-                       sequence_index=np.concatenate(cols["i"]), delta_ms=np.concatenate(cols["de"]),
+                       sequence_index=np.concatenate(cols["i"]),
+                       delta_ms=np.concatenate(cols["de"]),
                        Delta_ms=np.concatenate(cols["De"]), echo_time_ms=np.concatenate(cols["te"]),
                        sequence_names=tuple(s.name for s in sequences), config_text=config_text,
                        s0_um3=None if s0 is None else np.concatenate(
                            [np.full(q.num_measurements, float(v)) for q, v in zip(sequences, s0)]))
 
 
-def atomic_h5(path: Path):
-    """Context manager yielding an h5py.File that becomes `path` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    class _Atomic:
-        def __enter__(self):
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            self.f = h5py.File(self.tmp, "w")
-            return self.f
-
-        def __exit__(self, exc_type, exc, tb):
-            self.f.close()
-            if exc_type is None:
-                os.replace(self.tmp, path)
-            else:
-                os.unlink(self.tmp)
-            return False
-
-    return _Atomic()
-
-
 def write_signal_table(path, table: SignalTable, extra: dict | None = None) -> None:
-    """Write on the calling rank (call from rank 0 only); `extra` datasets are added as given."""
+    """Write atomically on the calling rank (call from rank 0 only); `extra` datasets are added
+    as given."""
     with atomic_h5(path) as f:
         for key, value in (extra or {}).items():
             f[key] = value
@@ -136,7 +109,8 @@ def read_signal_table(path) -> SignalTable:
         if data[key].shape != (n,):
             raise InputError(src, key, f"has shape {data[key].shape}, expected ({n},)")
     if data["direction"].shape != (n, 3):
-        raise InputError(src, "direction", f"has shape {data['direction'].shape}, expected ({n}, 3)")
+        raise InputError(src, "direction",
+                         f"has shape {data['direction'].shape}, expected ({n}, 3)")
     sig = data["signal_real"] + 1j * data["signal_imag"]
     if not np.all(np.isfinite(sig)):
         raise InputError(src, "signal_real", "contains non-finite values")

@@ -8,13 +8,13 @@ imported by tests/test_full_order.py to produce the serial result from the same 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import dolfinx_solver  # noqa: F401  (before dolfinx/petsc4py)
 import numpy as np
 from mpi4py import MPI
 
-PAPER_GRID = Path("/work/shared/data/paper_meshes/019_torus_majr10_minr6.npz")
+# the paper's grid, from the paper-mesh folder ($SPINVERSE_PAPER_MESHES or its default)
+PAPER_GRID_FILE = "019_torus_majr10_minr6.npz"
 
 
 def compute(comm: MPI.Comm) -> dict[str, np.ndarray]:
@@ -23,8 +23,9 @@ def compute(comm: MPI.Comm) -> dict[str, np.ndarray]:
     from spinverse_fem.forward.full_order import FullOrderModel
     from spinverse_fem.fem.operators import BlochTorreyOperators
     from spinverse_fem.config.protocol import Sequence
+    from spinverse_fem.meshes.paper import paper_meshes_dir
 
-    data = np.load(PAPER_GRID)
+    data = np.load(paper_meshes_dir() / PAPER_GRID_FILE)
     space = create_face_space(comm, data["points"].T, data["elements"].T)
     ops = BlochTorreyOperators(space, 2.0, outer="robin")
     rng = np.random.default_rng(20240611)
