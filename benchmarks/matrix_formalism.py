@@ -1,4 +1,4 @@
-"""Benchmark of spinverse_fem.forward.propagator on one core.
+"""Benchmark of spinverse_fem.forward.propagator (the dense exponential actions) on one core.
 
 Synthetic model: K modes with lam uniform on [0, 4.93] 1/ms; W_i = Phi_i^T diag(x) Phi_i with
 Phi_i the K lowest eigenvectors of a random-conductance 1-D Neumann Laplacian on 2K points of
@@ -6,15 +6,25 @@ a 27 um box (x in [0, 27] um), nu0 = Phi_0^T M 1. Protocol: PGSE delta/Delta = 1
 ms, b = 0, 1000, ..., 5000 s/mm^2 (q from b = q^2 delta^2 (Delta - delta/3), b in ms/um^2 =
 1e-3 s/mm^2) x 30 Fibonacci directions = 180 measurements.
 
-Reported: forward time, forward + VJP time and their ratio, forward + VJP with the full (K, K)
-generator cotangent (`full_lam=True`, as used by the objective) (best of `--repeats`, wall
-and CPU), and two per-measurement baselines timed on a subset of the non-zero-b measurements and
-extrapolated to all of them: scipy.sparse.linalg.expm_multiply per column and segment, and
-scipy.linalg.expm per measurement (one K x K exponential, the other pulse is its conjugate).
-Accuracy of our signals against both baselines on that subset is recorded as well.
+Measured (seconds, best of `--repeats`, wall and CPU of this process): forward time
+(`SequencePropagator(...).signals()`), forward + VJP time and their ratio, forward + VJP with
+the full (K, K) generator cotangent (`full_lam=True`, as used by the reduced misfit), and two
+per-measurement baselines timed once on `--subset` non-zero-b measurements and extrapolated to
+all of them: scipy.sparse.linalg.expm_multiply per column and segment, and scipy.linalg.expm
+per measurement (one K x K exponential, the other pulse is its conjugate); speed-ups over
+them; the number of Taylor terms x column groups; accuracy of our signals against both
+baselines on that subset (max relative error, dimensionless).
 
-Usage: python benchmarks/matrix_formalism.py [--K 300 500] [--repeats 3] [--subset 10]
-Writes benchmarks/results/matrix_formalism.json.
+How to run: serial only (dense, replicated: it has no MPI part, and under mpiexec every rank
+would repeat the same work, so it refuses to run on more than one rank). BLAS is pinned to
+one thread.
+
+    python benchmarks/matrix_formalism.py [--K 300 500] [--repeats 3] [--subset 10]
+                                          [--out benchmarks/results/matrix_formalism.json]
+    # smallest check (seconds), results kept out of benchmarks/results/:
+    python benchmarks/matrix_formalism.py --K 300 --repeats 1 --subset 4 --out /tmp/mf.json
+
+Prints a table (CPU seconds) and writes JSON (cases with wall and CPU, machine, notes).
 """
 
 from __future__ import annotations
@@ -194,6 +204,10 @@ def main(argv=None):
     default_out = Path(__file__).resolve().parent / "results" / "matrix_formalism.json"
     ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args(argv)
+    ranks = next((int(os.environ[v]) for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+                  if os.environ.get(v, "").isdigit()), 1)
+    if ranks > 1:
+        raise SystemExit("matrix_formalism.py is a one-core benchmark: run it without mpiexec")
 
     load_before = os.getloadavg()
     cases = []

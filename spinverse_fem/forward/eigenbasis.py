@@ -24,6 +24,7 @@ from petsc4py import PETSc
 from slepc4py import SLEPc
 
 from spinverse_fem.errors import SolverError
+from spinverse_fem.forward.mode_selection import gap_at, select_mode_count
 
 EPS_PREFIX = "spinverse_"
 INERTIA_PREFIX = "spinverse_inertia_"
@@ -48,6 +49,16 @@ class Eigenbasis:
     @property
     def num_modes(self) -> int:
         return int(self.lam.shape[0])
+
+    @property
+    def next_lam(self) -> float | None:
+        """lambda_{K+1} (1/ms): the first eigenvalue above the cut, if it was computed."""
+        return float(self.extra_lam[0]) if self.extra_lam.size else None
+
+    @property
+    def rel_gap(self) -> float:
+        """g_K = (lambda_{K+1} - lambda_K) / lambda_{K+1} at the cut (`mode_selection`)."""
+        return gap_at(float(self.lam[-1]), self.next_lam)
 
 
 def cutoff_eigenvalue(diffusivity_um2_per_ms: float, length_scale_um: float) -> float:
@@ -125,22 +136,15 @@ def _solve_eps(L, M, nev, sigma, tol, deflation=None):
     return np.array(lams), vecs
 
 
-def _gap_index(lam: np.ndarray, k: int, rel_tol: float = 1e-8) -> int:
-    """Largest j <= k such that the j-th and (j+1)-th eigenvalues are separated (no cluster cut)."""
-    scale = max(float(np.max(np.abs(lam))), 1.0)
-    j = k
-    while 0 < j < lam.size and lam[j] - lam[j - 1] <= rel_tol * scale:
-        j -= 1
-    return j
-
-
 def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None,
                      num_modes: int | None = None, max_modes: int = 500,
                      tol: float = 1e-10, max_repairs: int = 3) -> Eigenbasis:
     """All eigenpairs below lam_max (capped at max_modes), or exactly num_modes of them.
 
-    The count is moved down to a spectral gap when a cap or a fixed count would cut a degenerate
-    cluster (the signal depends only on whole eigenspaces).
+    With the cutoff rule the count is moved down to a real spectral gap
+    (`mode_selection.select_mode_count`): the signal depends only on whole eigenspaces, and
+    the reduced objective is smooth only where the cut is open. A fixed count stays fixed (an
+    optimisation stage relies on it); its gap is reported by `Eigenbasis.rel_gap`.
     """
     comm = L.getComm().tompi4py()
     n_global = L.getSize()[0]
@@ -188,17 +192,7 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     else:
         raise SolverError(f"eigenbasis incomplete after {max_repairs} repairs: inertia count "
                           f"{true} eigenvalues below {tau:.6g}, found {found}")
-    if num_modes is not None:
-        # a fixed count stays fixed (an optimisation stage relies on it); cutting through a
-        # degenerate cluster makes the objective non-smooth there, so say so
-        k = k_want
-        if _gap_index(lam, k) != k and comm.rank == 0:
-            warnings.warn(f"the fixed mode count {k} cuts a degenerate eigenvalue cluster "
-                          f"(lambda_K = {lam[k - 1]:.6g} 1/ms)", stacklevel=2)
-    else:
-        k = _gap_index(lam, k_want)
-    if k == 0:
-        raise SolverError("the requested mode count cuts the lowest eigen-cluster")
+    k = k_want if num_modes is not None else select_mode_count(lam, k_want)
     if capped and comm.rank == 0:
         warnings.warn(f"{cutoff_count} eigenvalues lie below the cutoff; keeping {k} "
                       f"(max_modes = {max_modes})", stacklevel=2)

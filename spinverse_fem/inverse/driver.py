@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spinverse_fem.forward.mode_selection import RESELECT_GAP
 from spinverse_fem.inverse.optimisers import ADAM, AdamSettings, AdamState, TaoSegment
 
 HISTORY_KEYS = ("stage", "iteration", "misfit", "continuity", "manifold", "total",
-                "manifold_weight", "cd_l2", "bad_edge_pct", "interface_faces", "seconds")
+                "manifold_weight", "modes", "mode_gap", "cd_l2", "bad_edge_pct",
+                "interface_faces", "seconds")
 
 
 @dataclass
@@ -100,13 +102,14 @@ class Inversion:
             if len(state.modes) <= si:
                 state.modes.append(self.case.num_modes_at(self.kappa(state.x)))
                 self.log(f"stage {si + 1}/{len(self.stages)} ({names} ms): {stage.iterations} "
-                         f"iterations, {state.modes[si]} modes (fixed for the stage)")
+                         f"iterations, {state.modes[si]} modes (fixed while the spectral cut stays open)")
                 if adam and si > 0 and inv.adam_restart_per_stage:
                     # the moments of the previous stage's objective would damp this one's steps
                     state.adam = None
             model = self._stage_model(si, state.modes[si], state.x)
             while state.stage_iteration < stage.iterations:
                 n = min(self.segment, stage.iterations - state.stage_iteration)
+                self._check_cut(model, state, si)
                 model.update_prior_weights(state.x, self.manifold_weight(state.global_iteration))
                 converged = self._segment(segment, adam, model, state, n, si, stage, t_start)
                 state.elapsed = time.perf_counter() - t_start
@@ -124,6 +127,23 @@ class Inversion:
         state.done = True
         return state
 
+    def _check_cut(self, model, state, si, x=None) -> None:
+        """Re-select the stage's mode count when the last evaluation's spectral cut has (nearly)
+        closed (`forward.mode_selection`): announced, recorded in the history and in
+        state.modes, and deterministic (gap thresholds far above round-off)."""
+        cut = model.misfit.last_cut
+        if cut is None or not cut.rel_gap < RESELECT_GAP:
+            return
+        x = state.x if x is None else x
+        k_new = self.case.num_modes_at(self.kappa(x))
+        if k_new == cut.modes:
+            return
+        self.log(f"  stage {si + 1} it {state.global_iteration}: modes {cut.modes} and "
+                 f"{cut.modes + 1} within {cut.rel_gap:.1e} (relative; lambda = "
+                 f"{cut.lam_k:.6g} 1/ms): mode count re-selected {cut.modes} -> {k_new}")
+        model.set_num_modes(k_new)
+        state.modes[si] = k_new
+
     def _record(self, state, si, x, model, t_start):
         kappa = self.kappa(x)
         m = self.observer(kappa) if self.observer is not None else {}
@@ -132,6 +152,7 @@ class Inversion:
         row = dict(stage=si, iteration=state.global_iteration, misfit=terms.get("misfit", np.nan),
                    continuity=terms.get("continuity", np.nan), manifold=terms.get("manifold", np.nan),
                    total=terms.get("total", np.nan), manifold_weight=model.weights.manifold,
+                   modes=terms.get("modes", np.nan), mode_gap=terms.get("mode_gap", np.nan),
                    cd_l2=m.get("cd_l2", np.nan), bad_edge_pct=m.get("bad_edge_pct", np.nan),
                    interface_faces=m.get("interface_faces", np.nan),
                    seconds=time.perf_counter() - t_start)
@@ -155,6 +176,9 @@ class Inversion:
                 self._record(state, si, x, model, t_start)
                 state.global_iteration += 1
                 state.stage_iteration += 1
+                # Adam takes the next step on the re-selected model; TAO's line search and
+                # quasi-Newton memory need one objective per segment (checked at its start)
+                self._check_cut(model, state, si, x)
             else:
                 state.global_iteration += 1
                 state.stage_iteration += 1

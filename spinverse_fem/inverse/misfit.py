@@ -71,6 +71,17 @@ class Counters:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
+@dataclass(frozen=True)
+class ModeCut:
+    """Where the reduced model cuts the spectrum at the last evaluation: K, lambda_K and
+    lambda_{K+1} (1/ms; None if not computed), g_K = relative gap (`forward.mode_selection`)."""
+
+    modes: int
+    lam_k: float
+    lam_next: float | None
+    rel_gap: float
+
+
 class SignalMisfit:
     """What every signal misfit shares: targets, weight, normalisation, residuals, cotangents.
 
@@ -81,6 +92,7 @@ class SignalMisfit:
     """
 
     num_modes: int | None = None
+    last_cut: ModeCut | None = None   # reduced models: the spectrum cut of the last evaluation
 
     def __init__(self, sequences, targets, *, weight: float, normalisation: str,
                  s0_reference):
@@ -182,6 +194,11 @@ class ReducedMisfit(SignalMisfit):
     def comm(self) -> MPI.Comm:
         return self.model.comm
 
+    def set_num_modes(self, num_modes: int) -> None:
+        """Change the fixed mode count (a re-selection: the objective changes here)."""
+        self.num_modes = int(num_modes)
+        self._cache_key = self._state = None
+
     def freeze_modes(self, kappa: np.ndarray) -> int:
         """Solve at kappa with the current rule (the [eigen] rule, or num_modes), then fix K to
         the count found: J is smooth in kappa only at a fixed K. Returns K."""
@@ -192,6 +209,8 @@ class ReducedMisfit(SignalMisfit):
         with self.counters.timed("eigen"):
             basis = self.model.eigenbasis(kappa, self.num_modes)
         self.counters.eigen_solves += 1
+        self.last_cut = ModeCut(basis.num_modes, float(basis.lam[-1]), basis.next_lam,
+                                basis.rel_gap)
         with self.counters.timed("projection"):
             system, products = project_with_products(self.model.ops, basis)
         props, S, s0 = [], [], []

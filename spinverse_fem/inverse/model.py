@@ -55,6 +55,11 @@ class Model:
     def counters(self):
         return self.misfit.counters
 
+    def set_num_modes(self, num_modes: int) -> None:
+        """A mode re-selection (reduced misfits only): the objective changes here."""
+        self.misfit.set_num_modes(num_modes)
+        self._cache = None
+
     def update_prior_weights(self, x: np.ndarray, manifold: float) -> None:
         """Re-evaluate w_ij = clip(1 - |p_i - p_j|, 0, 1) at x (then held fixed) and set the
         manifold weight (the driver's ramp)."""
@@ -88,8 +93,11 @@ class Model:
         w = self.weights
         total = jd + w.continuity * jc + w.manifold * jm
         grad = grad + w.continuity * gc[p.active] + w.manifold * gm[p.active]
+        cut = self.misfit.last_cut
         self.last_terms = dict(misfit=jd, continuity=jc, manifold=jm, total=total,
-                               continuity_weight=w.continuity, manifold_weight=w.manifold)
+                               continuity_weight=w.continuity, manifold_weight=w.manifold,
+                               modes=cut.modes if cut else np.nan,
+                               mode_gap=cut.rel_gap if cut else np.nan)
         self._cache = (key, float(total), grad.copy(), dict(self.last_terms))
         return float(total), grad
 

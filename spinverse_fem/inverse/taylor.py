@@ -43,18 +43,42 @@ def observed_rates(r: np.ndarray) -> np.ndarray:
         return np.log2(r[:-1] / r[1:])
 
 
+#: consecutive second-order rates closer than this count as asymptotic
+ASYMPTOTIC_SPREAD = 0.05
+
+
 def taylor_test(functional, m, *, direction=None, seed: int = 0, h0: float = 1e-2,
-                halvings: int = 4, multiplicative: bool = False) -> TaylorResult:
+                halvings: int = 4, multiplicative: bool = False,
+                max_extra_halvings: int = 0) -> TaylorResult:
     """The Taylor remainders and rates of `functional` at m along `direction` (default: seeded
-    standard normal)."""
+    standard normal).
+
+    max_extra_halvings: keep halving h (at most this many more times) while the last two
+    second-order rates still differ by more than ASYMPTOTIC_SPREAD and the remainder is above
+    round-off: near a close pair of eigenvalues the remainders become quadratic only for h
+    well below the gap, so the asymptotic part starts later.
+    """
     m = np.asarray(m, dtype=float)
     d = (np.random.default_rng(seed).standard_normal(m.shape) if direction is None
          else np.asarray(direction, dtype=float))
     J0, grad = functional.cost_and_gradient(m)
     slope = float(np.dot(grad * m, d)) if multiplicative else float(np.dot(grad, d))
-    hs = h0 / 2.0 ** np.arange(halvings + 1)
-    values = np.array([functional.cost(m * np.exp(h * d) if multiplicative else m + h * d)
-                       for h in hs])
+    floor = 1e3 * np.finfo(float).eps * max(abs(J0), 1e-300)
+
+    def cost_at(h):
+        return functional.cost(m * np.exp(h * d) if multiplicative else m + h * d)
+
+    hs = list(h0 / 2.0 ** np.arange(halvings + 1))
+    values = [cost_at(h) for h in hs]
+    for _ in range(max_extra_halvings):
+        r1 = np.abs(np.array(values) - J0 - np.array(hs) * slope)
+        rates = observed_rates(r1)
+        if (rates.size < 2 or abs(rates[-1] - rates[-2]) <= ASYMPTOTIC_SPREAD
+                or r1[-1] <= floor):
+            break
+        hs.append(hs[-1] / 2.0)
+        values.append(cost_at(hs[-1]))
+    hs, values = np.array(hs), np.array(values)
     r0 = np.abs(values - J0)
     r1 = np.abs(values - J0 - hs * slope)
     return TaylorResult(h=hs, values=values, J0=float(J0), slope=slope, r0=r0, r1=r1,
