@@ -23,7 +23,9 @@ from spinverse_fem.forward.full_order import FullOrderModel, segment_steps
 from spinverse_fem.fem.operators import BlochTorreyOperators
 from spinverse_fem.config.protocol import Sequence
 
-PAPER_GRID = Path("/work/shared/data/paper_meshes/019_torus_majr10_minr6.npz")
+from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+
+PAPER_GRID = paper_meshes_dir() / "019_torus_majr10_minr6.npz"
 PARITY_SCRIPT = Path(__file__).parent / "mpi_scripts" / "full_order_parity.py"
 D = 2.0  # um^2/ms
 

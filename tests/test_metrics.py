@@ -10,7 +10,9 @@ import pytest
 from spinverse_fem.evaluation.metrics import (chamfer_l2, edge_statistics, evaluate, face_scores,
                                    sample_area)
 
-MESH_DIR = "/work/shared/data/paper_meshes"
+from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+
+MESH_DIR = str(paper_meshes_dir())
 FILES = sorted(glob.glob(f"{MESH_DIR}/*.npz"))
 
 

@@ -12,7 +12,9 @@ import pytest
 from spinverse_fem.inverse.priors import GeometricPriors, manifold_penalty
 from spinverse_fem.geometry.topology import build_face_table
 
-MESH_DIR = "/work/shared/data/paper_meshes"
+from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+
+MESH_DIR = str(paper_meshes_dir())
 T = 0.1
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -45,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from spinverse_fem.errors import InputError
+from spinverse_fem.io.atomic import write_json_atomic
 from spinverse_fem.parallel import say, world
 
 MODELS = ("reduced", "full")
@@ -152,7 +151,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def cmd_objective(args) -> int:
     """J and dJ/dkappa at one kappa -> HDF5 (rank 0, atomic) and a summary on stdout."""
-    from spinverse_fem.io.signals import atomic_h5
+    from spinverse_fem.io.atomic import atomic_h5
 
     comm = world()
     t0 = time.perf_counter()
@@ -299,7 +298,7 @@ def cmd_taylor(args) -> int:
               f"{'>=' if passed else 'below'} {TAYLOR_MIN_RATE}: "
               f"{'PASS' if passed else 'FAIL'} ({seconds:.2f} s)")
     if args.json and comm.rank == 0:
-        _write_json(Path(args.json), dict(
+        write_json_atomic(Path(args.json), dict(
             model=ev.model_name, normalisation=ev.normalisation, modes=ev.modes,
             lambda_K=cut.lam_k if cut else None,
             lambda_K1=cut.lam_next if cut else None,
@@ -312,28 +311,6 @@ def cmd_taylor(args) -> int:
             threshold=TAYLOR_MIN_RATE, passed=passed, counters=ev.counters(),
             seconds=seconds, ranks=comm.size, kappa_source=ev.kappa_source))
     return 0 if passed else 1
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (NaN/inf written as null)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(clean(data), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def register_taylor(sub) -> None:

@@ -105,15 +105,6 @@ class BlochTorreyOperators:
             raise RuntimeError("set_kappa has not been called")
         return self._kappa_values
 
-    def gradient_operator(self, direction) -> PETSc.Mat:
-        """g . J for a unit direction g (3,) (a new matrix)."""
-        g = np.asarray(direction, dtype=np.float64)
-        G = self.J[0].copy()
-        G.scale(g[0])
-        G.axpy(g[1], self.J[1], PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-        G.axpy(g[2], self.J[2], PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
-        return G
-
     def volume(self) -> float:
         """Total volume (um^3) = 1^T M 1 (a collective)."""
         return float(self.mass_ones.sum())

@@ -198,6 +198,7 @@ class ReducedMisfit(SignalMisfit):
         """Change the fixed mode count (a re-selection: the objective changes here)."""
         self.num_modes = int(num_modes)
         self._cache_key = self._state = None
+        self.last_cut = None    # the next evaluation reports the new cut
 
     def freeze_modes(self, kappa: np.ndarray) -> int:
         """Solve at kappa with the current rule (the [eigen] rule, or num_modes), then fix K to
