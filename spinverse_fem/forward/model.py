@@ -15,21 +15,21 @@ from spinverse_fem.forward.reduced_model import (ReducedSystem, project, reduced
 
 
 class ForwardModel:
-    """Owns the distributed discretisation of one problem and evaluates signals for any kappa.
+    """Owns the distributed discretisation of one phantom and evaluates signals for any kappa.
 
-    comm: communicator; problem: grid, faces and outer condition; physics: D (um^2/ms), T2;
+    comm: communicator; phantom: grid, faces and outer condition; physics: D (um^2/ms), T2;
     eigen: the mode-count rule (length scale l in um, cap, or a fixed count).
     """
 
-    def __init__(self, comm: MPI.Comm, problem: Phantom, physics: PhysicsConfig,
+    def __init__(self, comm: MPI.Comm, phantom: Phantom, physics: PhysicsConfig,
                  eigen: EigenConfig):
         self.comm = comm
-        self.problem = problem
+        self.phantom = phantom
         self.physics = physics
         self.eigen = eigen
-        self.space = create_face_space(comm, problem.grid.points, problem.grid.tets)
+        self.space = create_face_space(comm, phantom.grid.points, phantom.grid.tets)
         self.ops = BlochTorreyOperators(self.space, physics.diffusivity_um2_per_ms,
-                                        outer=problem.outer, t2_ms=physics.t2_ms)
+                                        outer=phantom.outer, t2_ms=physics.t2_ms)
         self.lam_max = cutoff_eigenvalue(physics.diffusivity_um2_per_ms, eigen.length_scale_um)
         if physics.t2_ms is not None:
             self.lam_max += 1.0 / physics.t2_ms  # relaxation shifts the whole spectrum

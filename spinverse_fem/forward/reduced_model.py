@@ -5,7 +5,8 @@ With m = Phi nu and Phi^T M Phi = I the semi-discrete system becomes
     d nu/dt = -(Lambda + i q f(t) sum_i g_i W_i) nu,   nu(0) = nu0,
     W_i = Phi^T J_i Phi (um),   nu0 = Phi^T M 1 (um^{3/2}),   S = nu0^T nu(TE) (um^3),
 
-a small dense K x K problem solved by `matrix_formalism`. S0 (b = 0) is nu0^T e^{-TE Lambda} nu0 (`b0_signal`). `simulate` and the misfits both go through
+a small dense K x K problem solved by `forward.propagator`. S0 (b = 0) is nu0^T e^{-TE Lambda} nu0
+(`b0_signal`). `simulate` and the misfits both go through
 `project_with_products` and `propagator`: there is one forward path.
 """
 

@@ -19,10 +19,10 @@ How to run: serial only (dense, replicated: it has no MPI part, and under mpiexe
 would repeat the same work, so it refuses to run on more than one rank). BLAS is pinned to
 one thread.
 
-    python benchmarks/matrix_formalism.py [--K 300 500] [--repeats 3] [--subset 10]
-                                          [--out benchmarks/results/matrix_formalism.json]
+    python benchmarks/propagator.py [--K 300 500] [--repeats 3] [--subset 10]
+                                          [--out benchmarks/results/propagator.json]
     # smallest check (seconds), results kept out of benchmarks/results/:
-    python benchmarks/matrix_formalism.py --K 300 --repeats 1 --subset 4 --out /tmp/mf.json
+    python benchmarks/propagator.py --K 300 --repeats 1 --subset 4 --out /tmp/mf.json
 
 Prints a table (CPU seconds) and writes JSON (cases with wall and CPU, machine, notes).
 """
@@ -201,13 +201,13 @@ def main(argv=None):
     ap.add_argument("--K", type=int, nargs="+", default=[300, 500])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--subset", type=int, default=10, help="measurements timed per baseline")
-    default_out = Path(__file__).resolve().parent / "results" / "matrix_formalism.json"
+    default_out = Path(__file__).resolve().parent / "results" / "propagator.json"
     ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args(argv)
     ranks = next((int(os.environ[v]) for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
                   if os.environ.get(v, "").isdigit()), 1)
     if ranks > 1:
-        raise SystemExit("matrix_formalism.py is a one-core benchmark: run it without mpiexec")
+        raise SystemExit("propagator.py is a one-core benchmark: run it without mpiexec")
 
     load_before = os.getloadavg()
     cases = []
