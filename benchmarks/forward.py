@@ -161,7 +161,8 @@ def main() -> int:
             flag = "" if "target_met" not in res else (
                 f"< {tgt[1]:g} s: {'met' if res['target_met'] else 'MISSED'}")
             print(f"{n:>3} {r:>5} {res['tets']:>7} {res['dofs']:>8} {res['modes']:>5} "
-                  f"{res['forward_seconds']:>9.2f} {s['eigensolve']:>7.2f} {s['projections']:>7.2f} "
+                  f"{res['forward_seconds']:>9.2f} {s['eigensolve']:>7.2f} "
+                  f"{s['projections']:>7.2f} "
                   f"{s['exponentials']:>7.2f} {res['peak_rss_mb_all_ranks']:>7.0f}  {flag}",
                   flush=True)
     growth = {}

@@ -221,7 +221,8 @@ def main(argv=None):
             print(
                 f"{K:4d} {delta:g}/{Delta:g}".rjust(11)
                 + f" {r['forward_cpu_s']:7.3f} {r['forward_vjp_cpu_s']:9.3f}"
-                f" {r['ratio_forward_vjp_over_forward_cpu']:5.2f} {r['forward_vjp_full_lam_cpu_s']:7.3f}"
+                f" {r['ratio_forward_vjp_over_forward_cpu']:5.2f}"
+                f" {r['forward_vjp_full_lam_cpu_s']:7.3f}"
                 f" {r['taylor_terms_x_groups']:6d}"
                 f" {r['baseline_expm_multiply_extrapolated_cpu_s']:11.2f}"
                 f" {r['baseline_expm_extrapolated_cpu_s']:8.2f}"

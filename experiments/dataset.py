@@ -38,9 +38,17 @@ if not __package__:  # run as a file: experiments.* is importable only when run 
     raise SystemExit("run it as a module from the repository root: "
                      f"python -m experiments.{Path(__file__).stem}")
 
-from experiments.common import (RESULTS, Settings, atomic_write_text,  # noqa: E402
-                                markdown_table, paper_config_text, pyplot, save_figure,
-                                toml_string, toml_vector)
+from experiments.common import (  # noqa: E402
+    RESULTS,
+    Settings,
+    atomic_write_text,
+    markdown_table,
+    paper_config_text,
+    pyplot,
+    save_figure,
+    toml_string,
+    toml_vector,
+)
 
 # Fixed seeds of the 16 generated bent axons (random_paper_axon is deterministic in its seed).
 GENERATED_AXON_SEEDS = tuple(range(16))
@@ -80,8 +88,8 @@ _GRID_CACHE = {}
 def grid_and_faces():
     """(paper_grid(), its canonical FaceTable), cached."""
     if not _GRID_CACHE:
-        from spinverse_fem.meshes.paper import paper_grid
         from spinverse_fem.geometry.topology import build_face_table
+        from spinverse_fem.meshes.paper import paper_grid
 
         g = paper_grid()
         _GRID_CACHE["v"] = (g, build_face_table(g.tets, g.num_vertices))
@@ -92,8 +100,8 @@ def inside_from_membrane(table, membrane: np.ndarray) -> np.ndarray | None:
     """(T,) inside tets enclosed by a membrane (F,) bool: the sealed compartments (regions not
     reaching a non-membrane outer face). None if their membrane is not exactly `membrane` (the
     membrane then does not enclose a region)."""
-    from spinverse_fem.meshes.shapes import membrane_faces
     from spinverse_fem.evaluation.compartments import sealed_compartments
+    from spinverse_fem.meshes.shapes import membrane_faces
 
     inside = np.zeros(table.tet_faces.shape[0], dtype=bool)
     for c in sealed_compartments(table, membrane):

@@ -1,9 +1,10 @@
-"""Reproducibility of the main job: the default run (examples/paper_torus.toml, as `make demo`)
+r"""Reproducibility of the main job: the default run (examples/paper_torus.toml, as `make demo`)
 on 1 and 2 MPI ranks and with 1 and 2 BLAS threads.
 
     python -m experiments.reproducibility run --label 1rank
     OMP_NUM_THREADS=1 mpiexec -n 2 python -m experiments.reproducibility run --label 2ranks
-    OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python -m experiments.reproducibility run --label 2threads
+    OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 \
+        python -m experiments.reproducibility run --label 2threads
     python -m experiments.reproducibility report
 
 `run` performs the default inversion in-process (Case + Inversion, the same code path as

@@ -24,10 +24,21 @@ if not __package__:  # run as a file: experiments.* is importable only when run 
     raise SystemExit("run it as a module from the repository root: "
                      f"python -m experiments.{Path(__file__).stem}")
 
-from experiments.common import (RESULTS, add_common_arguments,  # noqa: E402
-                                atomic_write_text, cached_run, check_cache, fmt, fmt_seconds,
-                                iteration_logger, markdown_table, mpi_comm, saved_run, say,
-                                settings_from_args)
+from experiments.common import (  # noqa: E402
+    RESULTS,
+    add_common_arguments,
+    atomic_write_text,
+    cached_run,
+    check_cache,
+    fmt,
+    fmt_seconds,
+    iteration_logger,
+    markdown_table,
+    mpi_comm,
+    saved_run,
+    say,
+    settings_from_args,
+)
 from experiments.dataset import find, ground_truths  # noqa: E402
 
 

@@ -2,12 +2,33 @@
 
 from spinverse_fem.meshes.bcc import bcc_grid
 from spinverse_fem.meshes.box import box_grid
-from spinverse_fem.meshes.grid import Grid, membrane_mask, signed_volumes, triangle_areas, validate_grid
-from spinverse_fem.meshes.paper import (list_paper_meshes, load_paper_ground_truth, paper_grid,
-                          paper_meshes_dir, paper_shape, random_paper_axon)
+from spinverse_fem.meshes.grid import (
+    Grid,
+    membrane_mask,
+    signed_volumes,
+    triangle_areas,
+    validate_grid,
+)
+from spinverse_fem.meshes.paper import (
+    list_paper_meshes,
+    load_paper_ground_truth,
+    paper_grid,
+    paper_meshes_dir,
+    paper_shape,
+    random_paper_axon,
+)
 from spinverse_fem.meshes.readers import read_grid
-from spinverse_fem.meshes.shapes import (BentAxon, Cylinder, Plane, Sphere, Torus, TwoAxons, inside_tets,
-                           is_closed_manifold, membrane_faces)
+from spinverse_fem.meshes.shapes import (
+    BentAxon,
+    Cylinder,
+    Plane,
+    Sphere,
+    Torus,
+    TwoAxons,
+    inside_tets,
+    is_closed_manifold,
+    membrane_faces,
+)
 
 __all__ = [
     "BentAxon", "Cylinder", "Grid", "Plane", "Sphere", "Torus", "TwoAxons", "bcc_grid",

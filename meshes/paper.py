@@ -12,12 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from spinverse_fem.meshes.bcc import bcc_grid
-from spinverse_fem.meshes.grid import Grid, membrane_mask, orient_positively, validate_grid
-from spinverse_fem.meshes.shapes import (BentAxon, Cylinder, Sphere, Torus, inside_tets, is_closed_manifold,
-                           membrane_faces)
 from spinverse_fem.errors import InputError
 from spinverse_fem.geometry.topology import FaceTable, build_face_table
+from spinverse_fem.meshes.bcc import bcc_grid
+from spinverse_fem.meshes.grid import Grid, membrane_mask, orient_positively, validate_grid
+from spinverse_fem.meshes.shapes import (
+    BentAxon,
+    Cylinder,
+    Sphere,
+    Torus,
+    inside_tets,
+    is_closed_manifold,
+    membrane_faces,
+)
 
 PAPER_CUBES = 4
 PAPER_CUBE_UM = 20.0 / 3.0

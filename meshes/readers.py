@@ -9,17 +9,24 @@ Tets are taken as stored: inverted tets are reported by validate_grid, never reo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from spinverse_fem.meshes.grid import Grid
+from spinverse_fem.config.schema import MAX_TETRAHEDRA
 from spinverse_fem.errors import InputError
+from spinverse_fem.meshes.grid import Grid
 
 # meshio cell types we recognise; higher-order variants are rejected explicitly.
 _HIGHER_ORDER_TETS = ("tetra10", "tetra20", "tetra35", "tetra56")
+# Cells that carry no volume or surface a tetrahedral grid could hold: gmsh writes its physical
+# points and curves as these. Every other type besides "tetra" and "triangle" (hexahedra,
+# wedges, pyramids, quads, higher-order cells) is refused, never dropped.
+_IGNORED_CELLS = ("vertex", "line", "line3")
 
 
 def read_grid(path, membrane_tag: int | None = None) -> Grid:
@@ -49,6 +56,9 @@ def read_grid(path, membrane_tag: int | None = None) -> Grid:
 
     if mesh.tets.shape[0] == 0:
         raise InputError(source, "cells", "the file has no tetrahedra" + mesh.note)
+    if mesh.tets.shape[0] > MAX_TETRAHEDRA:
+        raise InputError(source, "cells", f"{mesh.tets.shape[0]} tetrahedra; at most "
+                         f"{MAX_TETRAHEDRA} fit in memory (every rank holds the whole grid)")
     triangles = mesh.triangles
     if membrane_tag is not None:
         if mesh.triangle_tags is None:
@@ -82,10 +92,19 @@ def _read_meshio(path: Path, fmt: str) -> _RawMesh:
     import meshio
 
     source = str(path)
+    # The format's own reader, not meshio.read: on a ReadError meshio.read prints it and calls
+    # sys.exit(1). SystemExit is still caught in case a reader does the same; what a reader
+    # prints goes into the message instead of onto the terminal.
+    reader = {"gmsh": meshio.gmsh.read, "xdmf": meshio.xdmf.read}[fmt]
+    said = io.StringIO()
     try:
-        m = meshio.read(source, file_format=fmt)
-    except Exception as exc:  # meshio raises many types (ReadError, KeyError, ValueError)
-        raise InputError(source, None, f"cannot read as {fmt}: {exc}") from exc
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            m = reader(source)
+    except (Exception, SystemExit) as exc:  # meshio raises many types (ReadError, KeyError, ...)
+        detail = str(exc) if not isinstance(exc, SystemExit) else ""
+        detail = "; ".join(x for x in (detail.strip(), " ".join(said.getvalue().split())) if x)
+        raise InputError(source, None, f"cannot read as {fmt}"
+                         + (f": {detail[:300]}" if detail else " (not a valid file)")) from None
     points = np.asarray(m.points, dtype=np.float64)
     if points.ndim == 2 and points.shape[1] == 2:
         raise InputError(source, "points", "2D coordinates: a 3D tetrahedral mesh is required")
@@ -98,14 +117,23 @@ def _read_meshio(path: Path, fmt: str) -> _RawMesh:
         tag_key = keys[0] if len(keys) == 1 else None
     tets, tris, tags = [], [], []
     kinds = []
+    other: dict[str, int] = {}
     for i, block in enumerate(m.cells):
         kinds.append(block.type)
+        if block.type not in ("tetra", "triangle", *_IGNORED_CELLS):
+            other[block.type] = other.get(block.type, 0) + len(block.data)
         if block.type == "tetra":
             tets.append(np.asarray(block.data))
         elif block.type == "triangle":
             tris.append(np.asarray(block.data))
             if tag_key is not None:
                 tags.append(np.asarray(m.cell_data[tag_key][i]).reshape(-1))
+    if tets and other:
+        found = ", ".join(f"{n} {kind}" for kind, n in sorted(other.items()))
+        raise InputError(source, "cells", f"{found} cell(s) among the tetrahedra: only linear "
+                         "tetrahedra (and triangles for membranes) are supported, and "
+                         "dropping the other cells would leave holes in the domain; remesh "
+                         "with tetrahedra only")
     note = ""
     if not tets:
         higher = sorted(set(kinds) & set(_HIGHER_ORDER_TETS))

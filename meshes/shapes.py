@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spinverse_fem.meshes.grid import Grid
 from spinverse_fem.geometry.topology import FaceTable, build_edge_table
+from spinverse_fem.meshes.grid import Grid
 
 _AXES = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
 
@@ -236,7 +236,7 @@ class BentAxon(_Shape):
     @classmethod
     def random(cls, seed: int, radius_um: float | None = None, segments: int | None = None,
                box_half_um: float = 40.0 / 3.0, axis: str | None = None,
-               side_margin_um: float = 2.0) -> "BentAxon":
+               side_margin_um: float = 2.0) -> BentAxon:
         """A smooth random axon crossing the box [-box_half_um, box_half_um]^3 (um).
 
         Like the paper's axons: radius drawn in [4.2, 5.5] um and 4-9 segments unless given;
@@ -325,7 +325,7 @@ class TwoAxons(_Shape):
     def random(cls, seed: int, box_half_um: float = 40.0 / 3.0, min_gap_um: float = 1.0,
                radius_range_um: tuple[float, float] = (3.0, 4.5),
                segments_range: tuple[int, int] = (4, 9), side_margin_um: float = 2.0,
-               attempts: int = 1000) -> "TwoAxons":
+               attempts: int = 1000) -> TwoAxons:
         """Two random axons (as BentAxon.random) along the same random axis, min_gap_um apart.
 
         Radii and segment counts are drawn uniformly from the given (inclusive) ranges; pairs

@@ -18,8 +18,14 @@ import numpy as np
 import pytest
 
 from spinverse_fem.io import atomic
-from spinverse_fem.io.atomic import (atomic_h5, atomic_path, remove_stale_temp_files,
-                                     save_figure_atomic, write_json_atomic, write_text_atomic)
+from spinverse_fem.io.atomic import (
+    atomic_h5,
+    atomic_path,
+    remove_stale_temp_files,
+    save_figure_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 OLD = b"old content\n"
 

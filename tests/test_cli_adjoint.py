@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from cli_helpers import run_cli
 
-from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.config import parse_config
+from spinverse_fem.config.protocol import Sequence
 from spinverse_fem.errors import InputError
 from spinverse_fem.io.kappa import write_kappa
-from spinverse_fem.config.protocol import Sequence
 from spinverse_fem.io.signals import table_from_sequences, write_signal_table
 from spinverse_fem.io.targets import load_targets
+from spinverse_fem.meshes.box import box_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plane_box.toml"
@@ -261,7 +261,8 @@ def test_load_targets_splits_rows_per_sequence(tmp_path):
     write_signal_table(path, table_from_sequences(cfg.sequences, sig, cfg.text))
     assert load_targets(path, cfg)[1] is None
     # the same b-values and directions but another timing are other measurements
-    other = parse_config(config_text().replace("Delta_ms = 20.0", "Delta_ms = 21.0") + LONG_SEQUENCE)
+    other = parse_config(config_text().replace("Delta_ms = 20.0", "Delta_ms = 21.0")
+                         + LONG_SEQUENCE)
     with pytest.raises(InputError, match="mismatched signal tables: rows of sequence 0") as e:
         load_targets(path, other)
     assert e.value.field == "Delta_ms"
@@ -271,8 +272,8 @@ def test_load_targets_splits_rows_per_sequence(tmp_path):
 
 def _tiny_full_model(comm, outer):
     from spinverse_fem.fem.face_space import create_face_space
-    from spinverse_fem.forward.full_order import FullOrderModel
     from spinverse_fem.fem.operators import BlochTorreyOperators
+    from spinverse_fem.forward.full_order import FullOrderModel
 
     g = box_grid([0.0, 0.0, 0.0], [10.0, 8.0, 6.0], (2, 2, 1))
     space = create_face_space(comm, g.points, g.tets)

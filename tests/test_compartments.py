@@ -3,10 +3,10 @@ analytic inside test of the generating shape (all 4 vertices inside) on the pape
 
 import numpy as np
 
-from spinverse_fem.meshes.paper import paper_grid, paper_shape
-from spinverse_fem.meshes.shapes import inside_tets, membrane_faces
 from spinverse_fem.evaluation.compartments import compare_compartments, sealed_compartments
 from spinverse_fem.geometry.topology import build_face_table
+from spinverse_fem.meshes.paper import paper_grid, paper_shape
+from spinverse_fem.meshes.shapes import inside_tets, membrane_faces
 
 
 def _grid():

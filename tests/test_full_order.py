@@ -1,4 +1,5 @@
-"""Tests of the full-order Crank-Nicolson model and its discrete adjoint (spinverse_fem.forward.full_order).
+"""Tests of the full-order Crank-Nicolson model and its discrete adjoint
+(spinverse_fem.forward.full_order).
 
 Each test names its independent reference. Runs serially and under `mpiexec -n 2` (the 1-vs-2-rank
 comparison is serial-only: it launches its own mpiexec).
@@ -17,13 +18,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spinverse_fem.meshes.box import box_grid
-from spinverse_fem.fem.face_space import create_face_space
-from spinverse_fem.forward.full_order import FullOrderModel, segment_steps
-from spinverse_fem.fem.operators import BlochTorreyOperators
 from spinverse_fem.config.protocol import Sequence
-
-from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+from spinverse_fem.fem.face_space import create_face_space
+from spinverse_fem.fem.operators import BlochTorreyOperators
+from spinverse_fem.forward.full_order import FullOrderModel, segment_steps
+from spinverse_fem.meshes.box import box_grid
+from spinverse_fem.meshes.paper import paper_meshes_dir
 
 PAPER_GRID = paper_meshes_dir() / "019_torus_majr10_minr6.npz"
 PARITY_SCRIPT = Path(__file__).parent / "mpi_scripts" / "full_order_parity.py"

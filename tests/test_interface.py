@@ -16,8 +16,7 @@ from spinverse_fem.errors import InputError
 from spinverse_fem.evaluation.interface import extract_interface
 from spinverse_fem.evaluation.metrics import chamfer_l2
 from spinverse_fem.io.ply import read_ply, write_ply
-
-from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+from spinverse_fem.meshes.paper import paper_meshes_dir
 
 MESH_DIR = str(paper_meshes_dir())
 FILES = sorted(glob.glob(f"{MESH_DIR}/*.npz"))

@@ -75,7 +75,8 @@ def test_adam_schedule_matches_closed_form():
     assert a.learning_rate(49, 200) == pytest.approx(0.6)
     assert a.learning_rate(50, 200) == pytest.approx(0.6)
     mid = 50 + 75
-    assert a.learning_rate(mid, 200) == pytest.approx(0.6 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))))
+    assert a.learning_rate(mid, 200) == pytest.approx(
+        0.6 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))))
     assert a.learning_rate(200, 200) == pytest.approx(0.06)
     x = np.array([-1.9, 0.0, 1.5])
     np.testing.assert_allclose(a.x_of(a.v_of(x)), x, rtol=1e-12)
@@ -176,8 +177,8 @@ def test_resume_after_kill_gives_same_kappa(tmp_path):
     # metrics.json's CD-L2 against an independent recomputation from the PLY file
     import json
 
-    from spinverse_fem.io.ply import read_ply
     from spinverse_fem.evaluation.metrics import chamfer_l2
+    from spinverse_fem.io.ply import read_ply
 
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     pts, tris = read_ply(tmp_path / "a" / "interface.ply")

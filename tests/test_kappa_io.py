@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
-from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.errors import InputError
-from spinverse_fem.io.kappa import read_kappa, write_kappa
 from spinverse_fem.geometry.topology import build_face_table
+from spinverse_fem.io.kappa import read_kappa, write_kappa
+from spinverse_fem.meshes.box import box_grid
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,13 @@ def test_kappa_values_refused(grid, tmp_path):
              "kappa_um_per_ms", f"({n},)")
     _refused(_write(tmp_path / "2d.h5", faces, points, _kappa(n).reshape(n, 1)), faces, points,
              "kappa_um_per_ms", "shape")
+    # issue 11: kappa = 1e300 everywhere is not a permeability (bound: config.schema)
+    _refused(_write(tmp_path / "huge.h5", faces, points, np.full(n, 1e300)), faces, points,
+             "kappa_um_per_ms", f"{n} values above 1e+06 um/ms", "face 0")
+    k = _kappa(n)
+    k[2] = 1e6
+    assert np.array_equal(read_kappa(_write(tmp_path / "edge.h5", faces, points, k), faces,
+                                     points), k)
 
 
 def test_other_grid_refused(grid, tmp_path):
@@ -151,3 +158,64 @@ def test_other_grid_refused(grid, tmp_path):
              "shape")
     _refused(_write(tmp_path / "float.h5", faces.astype(float), points), faces, points,
              "faces", "integer")
+
+
+# -- signal tables (io.signals.read_signal_table) ----------------------------------------------
+
+def _table(path, n=4, **replace):
+    """A valid 4-row signal table written with h5py; `replace` overrides datasets (None drops,
+    an h5py.Group marker "GROUP" makes a group) and the sequence_names attribute."""
+    data = dict(signal_real=np.linspace(1, 0.5, n), signal_imag=np.zeros(n),
+                b_s_per_mm2=np.linspace(0, 1000, n), direction=np.tile([1.0, 0, 0], (n, 1)),
+                sequence_index=np.zeros(n, dtype=np.int64))
+    names = replace.pop("sequence_names", '["a"]')
+    data.update(replace)
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            if isinstance(value, str) and value == "GROUP":
+                f.create_group(key)
+            elif value is not None:
+                f[key] = value
+        if names is not None:
+            f.attrs["sequence_names"] = names
+    return path
+
+
+@pytest.mark.parametrize("replace, field, words", [
+    (dict(signal_real="GROUP"), "signal_real", "is a group, not a dataset"),
+    (dict(signal_imag="GROUP"), "signal_imag", "is a group"),
+    (dict(signal_real=np.zeros((4, 2))), "signal_real", "has shape (4, 2)"),
+    (dict(signal_real=np.float64(1.0)), "signal_real", "has shape ()"),
+    (dict(signal_imag=np.zeros(3)), "signal_imag", "has shape (3,), expected (4,)"),
+    (dict(direction=np.zeros(4)), "direction", "expected (4, 3)"),
+    (dict(b_s_per_mm2=np.array([b"x"] * 4)), "b_s_per_mm2", "must hold real numbers"),
+    (dict(sequence_index=np.array([b"0"] * 4)), "sequence_index", "must hold real numbers"),
+    (dict(sequence_index=np.array([0, 0, -1, 0])), "sequence_index", "non-negative integers"),
+    (dict(sequence_index=np.array([0, 0, 1, 1])), "sequence_names", "names 1 sequences"),
+    (dict(signal_real=np.array([1.0, np.nan, 1, 1])), "signal_real", "non-finite"),
+    (dict(signal_imag=np.array([0.0, np.inf, 0, 0])), "signal_imag", "non-finite"),
+    (dict(delta_ms=np.zeros(5)), "delta_ms", "has shape (5,)"),
+    (dict(sequence_names="not json"), "sequence_names", "JSON list of strings"),
+    (dict(sequence_names='["a", 3]'), "sequence_names", "JSON list of strings"),
+    (dict(sequence_names='{"a": 1}'), "sequence_names", "JSON list of strings"),
+    (dict(signal_real=None), "signal_real", "missing dataset"),
+])
+def test_malformed_signal_table(tmp_path, replace, field, words):
+    """Reference: the field that is wrong, named as such (a group where signal_real should be
+    used to be reported as signal_imag)."""
+    from spinverse_fem.io.signals import read_signal_table
+
+    path = _table(tmp_path / "t.h5", **replace)
+    with pytest.raises(InputError) as e:
+        read_signal_table(path)
+    assert e.value.source == str(path) and e.value.field == field, str(e.value)
+    assert words in str(e.value), str(e.value)
+
+
+def test_valid_signal_table_reads(tmp_path):
+    from spinverse_fem.io.signals import read_signal_table
+
+    t = read_signal_table(_table(tmp_path / "t.h5", sequence_names=None))
+    assert t.num_rows == 4 and t.sequence_names == () and t.sequence_index.dtype == np.int64
+    t = read_signal_table(_table(tmp_path / "u.h5", sequence_index=np.zeros(4)))
+    assert np.array_equal(t.sequence_index, np.zeros(4, dtype=np.int64))

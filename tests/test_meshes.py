@@ -14,17 +14,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spinverse_fem.errors import InputError
+from spinverse_fem.geometry.topology import build_face_table
 from spinverse_fem.meshes.bcc import bcc_grid
 from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.meshes.grid import Grid, membrane_mask, validate_grid
-from spinverse_fem.meshes.paper import (list_paper_meshes, load_paper_ground_truth, paper_grid,
-                          paper_meshes_dir, paper_shape, random_paper_axon)
+from spinverse_fem.meshes.paper import (
+    list_paper_meshes,
+    load_paper_ground_truth,
+    paper_grid,
+    paper_meshes_dir,
+    paper_shape,
+    random_paper_axon,
+)
 from spinverse_fem.meshes.readers import read_grid
-from spinverse_fem.meshes.shapes import (BentAxon, Cylinder, Plane, Sphere, Torus, TwoAxons, catmull_rom,
-                           distance_to_polyline, inside_tets, is_closed_manifold,
-                           membrane_faces)
-from spinverse_fem.errors import InputError
-from spinverse_fem.geometry.topology import build_face_table
+from spinverse_fem.meshes.shapes import (
+    BentAxon,
+    Cylinder,
+    Plane,
+    Sphere,
+    Torus,
+    TwoAxons,
+    catmull_rom,
+    distance_to_polyline,
+    inside_tets,
+    is_closed_manifold,
+    membrane_faces,
+)
 
 A_PAPER = 20.0 / 3.0
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +207,9 @@ def test_bcc_matches_paper_files():
     pts = d["points"].T.astype(float)
     np.testing.assert_allclose(g.points, pts, atol=2e-6)  # float32 rounding of |x| <= 13.3
     # up to permutation as well: the sorted coordinate lists agree
-    order = lambda q: q[np.lexsort(np.round(q, 4).T)]
+    def order(q):
+        return q[np.lexsort(np.round(q, 4).T)]
+
     np.testing.assert_allclose(order(g.points), order(pts), atol=2e-6)
     assert np.array_equal(np.sort(g.tets, axis=1), d["elements"].T)
     table = build_face_table(g.tets, g.num_vertices)
@@ -536,6 +554,68 @@ def test_reader_errors_name_the_file(tmp_path):
     bad.write_text("<Xdmf><Domain>")
     with pytest.raises(InputError, match=r"garbage\.xdmf"):
         read_grid(bad)
+
+
+@pytest.mark.parametrize("cells, words", [
+    ([("hexahedron", np.arange(8)[None])], "1 hexahedron cell(s) among the tetrahedra"),
+    ([("wedge", np.arange(6)[None]), ("pyramid", np.arange(5)[None])],
+     "1 pyramid, 1 wedge cell(s)"),
+    ([("quad", np.arange(4)[None])], "1 quad cell(s)"),
+])
+def test_other_cells_among_tetrahedra_are_refused(tmp_path, cells, words):
+    """Reference: issue 11 (a hexahedron used to be dropped without a word, leaving a hole)."""
+    import meshio
+
+    pts = np.vstack([_one_tet()[0], np.random.default_rng(0).uniform(2, 3, (8, 3))])
+    path = tmp_path / "mixed.msh"
+    meshio.write(str(path), meshio.Mesh(pts, [("tetra", np.array([[0, 1, 2, 3]])),
+                                              *[(k, c + 5) for k, c in cells]]),
+                 file_format="gmsh22", binary=False)
+    with pytest.raises(InputError) as err:
+        read_grid(path)
+    assert err.value.source == str(path) and err.value.field == "cells"
+    assert words in str(err.value), str(err.value)
+
+
+def test_points_and_lines_of_gmsh_are_ignored(tmp_path):
+    """gmsh writes its physical points and curves as vertex / line cells: not refused."""
+    import meshio
+
+    g = box_grid((0, 0, 0), (1, 1, 1), (1, 1, 1))
+    path = tmp_path / "with_lines.msh"
+    meshio.write(str(path), meshio.Mesh(g.points, [("vertex", np.array([[0]])),
+                                                   ("line", np.array([[0, 1]])),
+                                                   ("tetra", g.tets)]),
+                 file_format="gmsh22", binary=False)
+    assert np.array_equal(read_grid(path).tets, g.tets)
+
+
+@pytest.mark.parametrize("content", [b"garbage\x00\x01 not a mesh\n", b"",
+                                     b"$MeshFormat\n2.2 0 8\n$EndMeshFormat\n$Nodes\n3\n"])
+def test_garbage_msh_raises_input_error_silently(tmp_path, capfd, content):
+    """meshio.read prints and calls sys.exit(1) on such files: the reader must neither exit
+    nor print, and name the file."""
+    path = tmp_path / "garbage.msh"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"garbage\.msh: cannot read as gmsh"):
+        read_grid(path)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_reader_turns_system_exit_into_input_error(tmp_path, monkeypatch):
+    """Any meshio reader that exits is caught (SystemExit is not an Exception)."""
+    import meshio
+
+    def exits(_):
+        print("Error: something")
+        raise SystemExit(1)
+
+    monkeypatch.setattr(meshio.gmsh, "read", exits)
+    path = tmp_path / "m.msh"
+    path.write_text("x")
+    with pytest.raises(InputError, match=r"m\.msh: cannot read as gmsh: Error: something"):
+        read_grid(path)
 
 
 def test_membrane_mask_lookup():

@@ -7,10 +7,14 @@ import glob
 import numpy as np
 import pytest
 
-from spinverse_fem.evaluation.metrics import (chamfer_l2, edge_statistics, evaluate, face_scores,
-                                   sample_area)
-
-from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+from spinverse_fem.evaluation.metrics import (
+    chamfer_l2,
+    edge_statistics,
+    evaluate,
+    face_scores,
+    sample_area,
+)
+from spinverse_fem.meshes.paper import paper_meshes_dir
 
 MESH_DIR = str(paper_meshes_dir())
 FILES = sorted(glob.glob(f"{MESH_DIR}/*.npz"))

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from spinverse_fem.config import load_config
-from spinverse_fem.forward.mode_selection import (MIN_SELECT_GAP, RESELECT_GAP, relative_gaps,
-                                                  select_mode_count)
+from spinverse_fem.forward.mode_selection import (
+    MIN_SELECT_GAP,
+    RESELECT_GAP,
+    relative_gaps,
+    select_mode_count,
+)
 from spinverse_fem.inverse.case import Case
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,15 +7,13 @@ counts; the TAO path also runs on PETSc.COMM_SELF in the same process for a dire
 n-rank comparison.
 """
 
+import dolfinx_solver  # noqa: F401
 import numpy as np
 import pytest
-
-import dolfinx_solver  # noqa: F401
 from petsc4py import PETSc
 
 from spinverse_fem.errors import InputError, SolverError
-from spinverse_fem.inverse.optimisers import (TAO_PREFIX, Adam, AdamSettings, AdamState,
-                                              TaoSegment)
+from spinverse_fem.inverse.optimisers import TAO_PREFIX, Adam, AdamSettings, AdamState, TaoSegment
 
 N = 50
 LOWER, UPPER = -2.0, 2.0

@@ -9,10 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from spinverse_fem.inverse.priors import GeometricPriors, manifold_penalty
 from spinverse_fem.geometry.topology import build_face_table
-
-from spinverse_fem.meshes.paper import paper_meshes_dir  # noqa: E402
+from spinverse_fem.inverse.priors import GeometricPriors, manifold_penalty
+from spinverse_fem.meshes.paper import paper_meshes_dir
 
 MESH_DIR = str(paper_meshes_dir())
 T = 0.1
@@ -112,7 +111,8 @@ def test_barrier_probability_matches_paper_units():
 
 
 def test_pen_minima_and_barrier():
-    """pen(0) = pen(2) = 0 are its minima and pen(1) = 1 - t log 2 (closed form from the definition)."""
+    """pen(0) = pen(2) = 0 are its minima and pen(1) = 1 - t log 2 (closed form from the
+    definition)."""
     k = np.array([0.0, 2.0, 1.0])
     pen, dpen = manifold_penalty(k, T)
     assert abs(pen[0]) < 1e-14 and abs(pen[1]) < 1e-14

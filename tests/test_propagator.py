@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-
 from references.slab import slab_eigenvalues, slab_moment_matrix, slab_waveform_signal
+
 from spinverse_fem.forward.propagator import (
     SequencePropagator,
     choose_taylor_parameters,

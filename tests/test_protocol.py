@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from spinverse_fem.errors import InputError
 from spinverse_fem.config.protocol import (
     Sequence,
     fibonacci_directions,
@@ -16,6 +15,7 @@ from spinverse_fem.config.protocol import (
     read_fsl,
     write_camino_scheme,
 )
+from spinverse_fem.errors import InputError
 
 GAMMA = 2.6751525e8  # rad/s/T, Camino's value, restated as the test's reference
 
@@ -36,7 +36,8 @@ def test_fibonacci_azimuth_steps_by_golden_angle():
     d = fibonacci_directions(40)
     step = np.diff(np.unwrap(np.arctan2(d[:, 1], d[:, 0])))
     golden = math.pi * (3 - math.sqrt(5))
-    np.testing.assert_allclose(np.mod(step - golden + math.pi, 2 * math.pi) - math.pi, 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.mod(step - golden + math.pi, 2 * math.pi) - math.pi, 0.0,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [30, 200])
@@ -82,7 +83,8 @@ def _quadrature_b_factor(segments):
     amp = np.array([a for _, a in segments])
     t = np.concatenate([[0.0], np.cumsum(dur)])
     F = np.concatenate([[0.0], np.cumsum(dur * amp)])
-    val, _ = quad(lambda s: np.interp(s, t, F) ** 2, 0.0, t[-1], points=t[1:-1], limit=200, epsabs=0, epsrel=1e-12)
+    val, _ = quad(lambda s: np.interp(s, t, F) ** 2, 0.0, t[-1], points=t[1:-1], limit=200,
+                  epsabs=0, epsrel=1e-12)
     return val
 
 
@@ -199,7 +201,8 @@ def test_pgse_validation(args, field):
 def test_zero_direction_allowed_only_for_b0():
     """A zero direction is fine when every b is 0 (and in a per-row b = 0 measurement)."""
     Sequence.pgse(5.0, 10.0, [0.0], [[0, 0, 0]])
-    s = Sequence("x", ((1.0, 1.0), (1.0, -1.0)), np.array([0.0, 10.0]), np.array([[0, 0, 0], [0, 0, 1.0]]))
+    s = Sequence("x", ((1.0, 1.0), (1.0, -1.0)), np.array([0.0, 10.0]),
+                 np.array([[0, 0, 0], [0, 0, 1.0]]))
     assert s.num_measurements == 2
 
 
@@ -216,7 +219,8 @@ def test_zero_direction_allowed_only_for_b0():
 )
 def test_waveform_validation(segments, field, text):
     """Invalid waveforms raise InputError naming the field and the reason."""
-    err = _raises(field, Sequence.waveform, segments, [0.0, 100.0], [[1, 0, 0]], source="cfg.toml", prefix="seq.")
+    err = _raises(field, Sequence.waveform, segments, [0.0, 100.0], [[1, 0, 0]], source="cfg.toml",
+                  prefix="seq.")
     assert text in err.message
 
 
@@ -258,9 +262,12 @@ VERSION: STEJSKALTANNER
     assert (b.name, b.delta_ms, b.Delta_ms) == ("20/60", 20.0, 60.0)
     # By hand: 2.6751525e8^2 = 7.156441e16; x 0.05^2 x 0.01^2 x (0.03 - 0.01/3) = 4.7710e8 s/m^2.
     assert a.b_s_per_mm2[1] == pytest.approx(477.10, rel=1e-4)
-    expected_a = [0.0] + [GAMMA**2 * g**2 * 0.01**2 * (0.03 - 0.01 / 3) * 1e-6 for g in (0.05, 0.04)]
+    expected_a = [0.0] + [GAMMA**2 * g**2 * 0.01**2 * (0.03 - 0.01 / 3) * 1e-6
+                          for g in (0.05, 0.04)]
     np.testing.assert_allclose(a.b_s_per_mm2, expected_a, rtol=1e-13)
-    np.testing.assert_allclose(b.b_s_per_mm2, [0.0, GAMMA**2 * 0.02**2 * 0.02**2 * (0.06 - 0.02 / 3) * 1e-6], rtol=1e-13)
+    np.testing.assert_allclose(b.b_s_per_mm2,
+                               [0.0, GAMMA**2 * 0.02**2 * 0.02**2 * (0.06 - 0.02 / 3) * 1e-6],
+                               rtol=1e-13)
     np.testing.assert_allclose(a.directions[2], np.ones(3) / math.sqrt(3), atol=1e-15)
     np.testing.assert_array_equal(a.directions[0], [0, 0, 0])
 
@@ -270,7 +277,8 @@ VERSION: STEJSKALTANNER
     [
         ("VERSION: BVECTOR\n1 0 0 1\n", "line 1"),
         ("VERSION: STEJSKALTANNER\n1 0 0 0.05 0.03 0.01\n", "line 2"),
-        ("VERSION: STEJSKALTANNER\n1 0 0 0.05 0.03 0.01 0.05\n1 1 0 0.05 0.03 0.01 0.05\n", "line 3"),
+        ("VERSION: STEJSKALTANNER\n1 0 0 0.05 0.03 0.01 0.05\n1 1 0 0.05 0.03 0.01 0.05\n",
+         "line 3"),
         ("VERSION: STEJSKALTANNER\n1 0 0 0.05 0.01 0.03 0.05\n", "line 2"),
         ("VERSION: STEJSKALTANNER\n1 0 0 0.05 0.03 0.01 0.02\n", "line 2"),
         ("VERSION: STEJSKALTANNER\n1 0 0 -0.05 0.03 0.01 0.05\n", "line 2"),
@@ -286,6 +294,30 @@ def test_camino_errors(tmp_path, body, field):
     with pytest.raises(InputError) as info:
         read_camino_scheme(path)
     assert str(info.value).startswith(str(path)) and field in str(info.value)
+
+
+@pytest.mark.parametrize("data, line", [
+    (b"VERSION: STEJSKALTANNER\n\xff\xfe\x00\x01\n", "line 2"),
+    ("# Schema f\u00fcr Camino\nVERSION: STEJSKALTANNER\n".encode("latin-1"), "line 1"),
+    (b"VERSION: STEJSKALTANNER\n1 0 0 0.05 0.03 0.01 0.05\x00\n", "line 2"),
+])
+def test_camino_file_that_is_not_text(tmp_path, data, line):
+    """A binary or Latin-1 scheme: InputError naming the file and line, not UnicodeDecodeError."""
+    path = tmp_path / "bin.scheme"
+    path.write_bytes(data)
+    with pytest.raises(InputError) as info:
+        read_camino_scheme(path)
+    assert str(info.value).startswith(f"{path}: {line}: ")
+    assert "UTF-8" in str(info.value) or "NUL" in str(info.value)
+
+
+def test_fsl_file_that_is_binary(tmp_path):
+    bvals, bvecs = tmp_path / "b.bval", tmp_path / "b.bvec"
+    bvals.write_bytes(b"\x00\xff\x10")
+    bvecs.write_text("1 0 0\n")
+    with pytest.raises(InputError, match="not UTF-8") as info:
+        read_fsl(bvals, bvecs, 10.0, 20.0)
+    assert info.value.source == str(bvals)
 
 
 def test_camino_writer_refuses_non_pgse(tmp_path):

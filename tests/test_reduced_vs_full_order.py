@@ -4,8 +4,8 @@ same semi-discrete system: the truncation error must fall as the length scale l 
 import numpy as np
 
 from spinverse_fem.config import parse_config
-from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.full_order import FullOrderModel
+from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.geometry.phantom import build_phantom
 
 CONFIG = """

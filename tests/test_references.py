@@ -17,7 +17,6 @@ import pytest
 import scipy.linalg
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-
 from references import slab
 from references.membrane1d import (
     membrane_eigenpairs,
@@ -86,7 +85,8 @@ def _cn_signal(K, potential, segments, q, dt_max):
 
 
 def _richardson2(S):
-    """Two Richardson levels for three h^2-accurate values on grids refined by 2 (h and dt together)."""
+    """Two Richardson levels for three h^2-accurate values on grids refined by 2 (h and dt
+    together)."""
     r1 = [(4 * S[i + 1] - S[i]) / 3 for i in range(2)]
     return (16 * r1[1] - r1[0]) / 15
 
@@ -158,7 +158,8 @@ def test_slab_b0_gives_one_and_mode_truncation_error_decays_like_n_to_minus_5():
 
 
 def test_slab_auto_mode_count_is_exposed_and_converged():
-    """n_modes=None returns the N it used; doubling N again moves S/S0 by less than 2 x SIGNAL_TOL."""
+    """n_modes=None returns the N it used; doubling N again moves S/S0 by less than
+    2 x SIGNAL_TOL."""
     q = _q(2000.0)
     S, N = slab_pgse_signal(L, D, DELTA_S, DELTA_L, q, return_n_modes=True)
     assert N in (32, 64, 128, 256, 512)
@@ -189,18 +190,21 @@ def test_slab_expm_roundoff_is_below_1e12_against_extended_precision():
     lam = slab.slab_eigenvalues(L, D, N).astype(np.longdouble)
     W = slab_moment_matrix(L, N).astype(np.longdouble)
     v = _expm_longdouble(-DELTA_S * (np.diag(lam) + 1j * np.longdouble(q) * W))[:, 0]
-    # PGSE: the -1 lobe is the conjugate exponential, so S/S0 = sum |v_j|^2 exp(-lambda_j (Delta - delta))
+    # PGSE: the -1 lobe is the conjugate exponential, so
+    # S/S0 = sum |v_j|^2 exp(-lambda_j (Delta - delta))
     exact = np.sum(np.abs(v) ** 2 * np.exp(-lam * (DELTA_L - DELTA_S)))
     assert abs(slab_pgse_signal(L, D, DELTA_S, DELTA_L, q, n_modes=N) - float(exact)) < 1e-12
 
 
 def test_slab_pgse_is_origin_independent_real_and_unrefocused_waveform_gets_phase():
-    """PGSE refocuses (F(TE) = 0): no origin dependence, real signal; a net area F picks up exp(-i q x0 F)."""
+    """PGSE refocuses (F(TE) = 0): no origin dependence, real signal; a net area F picks up
+    exp(-i q x0 F)."""
     q = _q(1000.0)
     ref = slab_pgse_signal(L, D, DELTA_S, DELTA_L, q, n_modes=64)
     assert abs(ref.imag) < 1e-14
     for x0 in (-5.0, 37.3):
-        assert abs(slab_pgse_signal(L, D, DELTA_S, DELTA_L, q, n_modes=64, left_um=x0) - ref) < 1e-12
+        assert abs(slab_pgse_signal(L, D, DELTA_S, DELTA_L, q, n_modes=64, left_um=x0)
+                   - ref) < 1e-12
     segs = [(DELTA_S, 1.0), (10.0, 0.0)]  # net area F = 5 ms
     s0 = slab_waveform_signal(L, D, segs, q, n_modes=64)
     x0 = 3.7
@@ -212,7 +216,8 @@ def test_slab_pgse_is_origin_independent_real_and_unrefocused_waveform_gets_phas
 
 
 def test_slab_free_diffusion_limit_wall_correction_scales_as_one_over_length():
-    """Large L: S/S0 -> exp(-bD), the excess coming from two wall layers, so (S - exp(-bD)) L is L-independent.
+    """Large L: S/S0 -> exp(-bD), the excess coming from two wall layers, so (S - exp(-bD)) L is
+    L-independent.
 
     Stated bound: 0 < S - exp(-bD) <= (2/L) sqrt(D TE) (1 - exp(-bD))
     (walls only reduce dephasing, in layers ~ sqrt(D TE) thick).
@@ -230,7 +235,8 @@ def test_slab_free_diffusion_limit_wall_correction_scales_as_one_over_length():
 
 @pytest.mark.parametrize("K", [0.1, 0.3])
 def test_slab_narrow_pulse_long_time_limit(K):
-    """delta -> 0, D Delta / L^2 >> 1: S/S0 -> |int exp(i K x) dx / L|^2 = 2 (1 - cos KL) / (KL)^2, K = q delta.
+    """delta -> 0, D Delta / L^2 >> 1: S/S0 -> |int exp(i K x) dx / L|^2 = 2 (1 - cos KL) / (KL)^2,
+    K = q delta.
 
     The finite-delta error is first order in delta and bounded by D K^2 delta.
     """
@@ -246,7 +252,8 @@ def test_slab_narrow_pulse_long_time_limit(K):
 
 @pytest.mark.parametrize("b", B_VALUES)
 def test_slab_matches_crank_nicolson(b):
-    """Spectral slab signal vs FV Crank-Nicolson (h = 0.2/0.1/0.05 um, dt = h/2 ms, two Richardson levels)."""
+    """Spectral slab signal vs FV Crank-Nicolson (h = 0.2/0.1/0.05 um, dt = h/2 ms, two
+    Richardson levels)."""
     ref = slab_pgse_signal(L, D, DELTA_S, DELTA_L, _q(b))
     extrapolated, raw = _cn_1d(b)
     assert abs(raw[-1] - ref) < 1e-4  # plain second-order solution on the finest grid
@@ -269,7 +276,8 @@ def test_box_signal_is_product_of_slabs_and_direction_is_normalised():
 
 
 def _cn_2d(q, g, membrane=None):
-    """FV Crank-Nicolson on the square [0, L]^2, gradient direction g (2,), one Richardson step over 2 grids."""
+    """FV Crank-Nicolson on the square [0, L]^2, gradient direction g (2,), one Richardson step
+    over 2 grids."""
     segs = pgse_segments(DELTA_S, DELTA_L)
     S = []
     for lev in range(2):
@@ -306,7 +314,8 @@ def test_box_and_plane_membrane_separability_vs_2d_crank_nicolson(kappa):
 
 @pytest.mark.parametrize("kappa", [0.0, 1e-6, 0.01, 0.1, 1.0, 10.0, np.inf])
 def test_membrane_modes_orthonormal_interface_conditions_and_closed_form_moments(kappa):
-    """Eigenfunctions: orthonormal, flux-continuous, -D u' = kappa [u]; W and int phi vs quadrature."""
+    """Eigenfunctions: orthonormal, flux-continuous, -D u' = kappa [u]; W and int phi vs
+    quadrature."""
     lam, f = membrane_eigenpairs(L, A_MEM, kappa, D, D * (30 * np.pi / L) ** 2)
     assert np.all(np.diff(lam) >= 0) and lam[0] == 0.0
     xl, wl = _gauss(0.0, A_MEM, 120)
@@ -332,12 +341,14 @@ def test_membrane_modes_orthonormal_interface_conditions_and_closed_form_moments
 def _fv_eigenvalues(n, kappa, count):
     K, _ = _fv_laplacian(L, n, None if np.isinf(kappa) else (A_MEM, kappa))
     d, e = K.diagonal(), K.diagonal(1)
-    return scipy.linalg.eigh_tridiagonal(d, e, eigvals_only=True, select="i", select_range=(0, count - 1))
+    return scipy.linalg.eigh_tridiagonal(d, e, eigvals_only=True, select="i",
+                                         select_range=(0, count - 1))
 
 
 @pytest.mark.parametrize("kappa", [0.0, 0.01, 0.1, 1.0, 10.0, np.inf])
 def test_membrane_eigenvalues_match_finite_volume_eigensolve(kappa):
-    """No root missed or duplicated: the sorted spectrum below lam_max equals a fine FV eigen-solve's."""
+    """No root missed or duplicated: the sorted spectrum below lam_max equals a fine FV
+    eigen-solve's."""
     lam_max = D * (12.3 * np.pi / L) ** 2
     lam, _ = membrane_eigenpairs(L, A_MEM, kappa, D, lam_max)
     m = lam.size + 1
@@ -362,26 +373,29 @@ def test_membrane_eigenvalues_interlace_and_increase_with_kappa():
 
 def test_membrane_kappa_limits():
     """kappa = inf is the slab of length L and kappa -> inf converges like 1/kappa;
-    kappa = 0 is (a/L) S_a + ((L-a)/L) S_{L-a}, and a tiny kappa is continuous with it (b = 2000 s/mm^2)."""
+    kappa = 0 is (a/L) S_a + ((L-a)/L) S_{L-a}, and a tiny kappa is continuous with it
+    (b = 2000 s/mm^2)."""
     q = _q(2000.0)
     s_slab = slab_pgse_signal(L, D, DELTA_S, DELTA_L, q)
     # both are within ~1e-11 of the limit (SIGNAL_TOL), with slightly different mode sets
     assert abs(membrane_pgse_signal(L, A_MEM, np.inf, D, DELTA_S, DELTA_L, q) - s_slab) < 3e-11
     # same mode count for all three, so truncation cancels in the differences
-    s = {kap: membrane_pgse_signal(L, A_MEM, kap, D, DELTA_S, DELTA_L, q, n_modes=64) for kap in (1e3, 1e5, np.inf)}
+    s = {kap: membrane_pgse_signal(L, A_MEM, kap, D, DELTA_S, DELTA_L, q, n_modes=64)
+         for kap in (1e3, 1e5, np.inf)}
     assert 70 < abs(s[1e3] - s[np.inf]) / abs(s[1e5] - s[np.inf]) < 130
-    sealed = (A_MEM / L) * slab_pgse_signal(A_MEM, D, DELTA_S, DELTA_L, q) + ((L - A_MEM) / L) * slab_pgse_signal(
-        L - A_MEM, D, DELTA_S, DELTA_L, q
-    )
+    sealed = ((A_MEM / L) * slab_pgse_signal(A_MEM, D, DELTA_S, DELTA_L, q)
+              + ((L - A_MEM) / L) * slab_pgse_signal(L - A_MEM, D, DELTA_S, DELTA_L, q))
     s0 = membrane_pgse_signal(L, A_MEM, 0.0, D, DELTA_S, DELTA_L, q)
     assert abs(s0 - sealed) < 5e-11
     s_tiny = membrane_pgse_signal(L, A_MEM, 1e-8, D, DELTA_S, DELTA_L, q, n_modes=64)
-    assert abs(s_tiny - membrane_pgse_signal(L, A_MEM, 0.0, D, DELTA_S, DELTA_L, q, n_modes=64)) < 1e-7
+    assert abs(s_tiny - membrane_pgse_signal(L, A_MEM, 0.0, D, DELTA_S, DELTA_L, q,
+                                             n_modes=64)) < 1e-7
 
 
 @pytest.mark.parametrize("kappa", KAPPAS)
 def test_membrane_matches_crank_nicolson_with_interface_flux(kappa):
-    """Spectral membrane signal (b = 2000 s/mm^2) vs FV Crank-Nicolson with the membrane conductance."""
+    """Spectral membrane signal (b = 2000 s/mm^2) vs FV Crank-Nicolson with the membrane
+    conductance."""
     b = 2000.0
     ref = membrane_pgse_signal(L, A_MEM, kappa, D, DELTA_S, DELTA_L, _q(b))
     extrapolated, raw = _cn_1d(b, membrane=(A_MEM, kappa))
@@ -390,7 +404,8 @@ def test_membrane_matches_crank_nicolson_with_interface_flux(kappa):
 
 
 def test_plane_membrane_box_reduces_to_1d_factors():
-    """Gradient along the membrane normal = 1-D membrane signal; along the plane = slab signal (membrane invisible)."""
+    """Gradient along the membrane normal = 1-D membrane signal; along the plane = slab signal
+    (membrane invisible)."""
     q = _q(1000.0)
     lengths = (L, 8.0, 2.0)
     assert plane_membrane_box_signal(lengths, 0, A_MEM, 0.1, D, DELTA_S, DELTA_L, q, (1, 0, 0)) == (

@@ -1,12 +1,14 @@
 """Command line: `spinverse simulate|objective|taylor|invert|evaluate ...` (run under mpirun as is).
 
-Bad input (config, protocol, mesh, signal or kappa files) and solver failures print one message
-naming the file and field and exit with code 2, leaving no output file behind.
+Bad input (config, protocol, mesh, signal or kappa files, output paths, PETSc options) and solver
+failures print one message naming the file and field and exit with code 2, leaving no output
+file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from spinverse_fem import __version__
@@ -25,6 +27,29 @@ COMMANDS = {
 
 EXIT_INPUT = 2
 
+# what each PETSc options prefix configures (docs/units_and_files.md, section 5)
+PETSC_PREFIXES = {
+    "spinverse_": "the SLEPc eigen-solver (-spinverse_eps_*, -spinverse_st_*) and the TAO "
+                  "optimiser (-spinverse_tao_*)",
+    "spinverse_inertia_": "the inertia count's factorisation",
+    "spinverse_adj_": "the adjoint preconditioner",
+    "spinverse_cn_": "the Crank-Nicolson solves",
+}
+PETSC_EPILOG = """\
+PETSc and SLEPc options go after the command as single-dash '-key value' pairs, e.g.
+  spinverse {command} ... -spinverse_eps_ncv 600 -spinverse_tao_type bqnls
+(or in the environment: PETSC_OPTIONS="-spinverse_eps_view"). Prefixes:
+  -spinverse_eps_* -spinverse_st_*   SLEPc eigen-solver of the eigenbasis
+  -spinverse_tao_*                   TAO optimiser of `invert`
+  -spinverse_inertia_*               factorisation of the inertia (mode count) check
+  -spinverse_adj_*                   adjoint preconditioner (objective, taylor, invert)
+  -spinverse_cn_*                    Crank-Nicolson solves (--model full)
+-spinverse_eps_ncv N without -spinverse_eps_mpd also sets -spinverse_eps_mpd N (SLEPc needs
+ncv <= nev + mpd). An unknown solver type or a bad value is refused with one message (exit 2).
+"""
+# commands that run no PETSc solver (no options epilog)
+NO_PETSC = ("evaluate",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spinverse", description=__doc__.splitlines()[0])
@@ -32,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMANDS.values():
         register(sub)
+    for name, parser in sub.choices.items():
+        if name not in NO_PETSC:
+            parser.epilog = PETSC_EPILOG.format(command=name)
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
@@ -66,25 +95,121 @@ def main(argv=None) -> int:
     petsc_opts = _petsc_options(extra)
     if petsc_opts is None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    if petsc_opts:
-        # PETSc options (e.g. -spinverse_eps_ncv 600 -spinverse_tao_type bqnls) go straight
-        # to the options database: petsc4py does not read sys.argv itself
-        world()
-        from petsc4py import PETSc
-
-        opts = PETSc.Options()
-        for key, value in petsc_opts:
-            opts[key] = value
     try:
+        if petsc_opts:
+            _set_petsc_options(petsc_opts)
         return int(args.func(args) or 0)
     except (InputError, SolverError) as e:
-        try:
-            rank = world().rank
-        except Exception:  # pragma: no cover
-            rank = 0
-        if rank == 0:
-            print(f"spinverse: error: {e}", file=sys.stderr, flush=True)
+        _report(str(e))
         return EXIT_INPUT
+    except Exception as e:
+        err = _petsc_error(e)
+        if err is None:
+            raise
+        _report(_petsc_message(err, petsc_opts))
+        return EXIT_INPUT
+
+
+def _report(message: str) -> None:
+    """The one error line, on rank 0."""
+    try:
+        rank = world().rank
+    except Exception:  # pragma: no cover
+        rank = 0
+    if rank == 0:
+        print(f"spinverse: error: {message}", file=sys.stderr, flush=True)
+
+
+def _set_petsc_options(petsc_opts) -> None:
+    """Put the command line's PETSc options into the options database (petsc4py does not read
+    sys.argv itself), after refusing an unknown solver type, and add -..._eps_mpd N to a
+    -..._eps_ncv N given alone (SLEPc refuses ncv > nev + mpd, and the eigenbasis sets mpd
+    for its own ncv: forward/eigenbasis.py)."""
+    world()
+    from petsc4py import PETSc
+
+    given = dict(petsc_opts)
+    for key, value in petsc_opts:
+        _check_type_option(key, value)
+    opts = PETSc.Options()
+    for key, value in petsc_opts:
+        opts[key] = value
+    for key, value in petsc_opts:
+        if key.endswith("eps_ncv") and key[:-3] + "mpd" not in given and value:
+            opts[key[:-3] + "mpd"] = value
+
+
+def _type_names(cls) -> set[str]:
+    return {v for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, str)}
+
+
+def _check_type_option(key: str, value: str) -> None:
+    """InputError for a *_type option whose value is not a type PETSc/SLEPc knows."""
+    from petsc4py import PETSc
+
+    kinds = {"pc_factor_mat_solver_type": ("solver", lambda: _type_names(PETSc.Mat.SolverType)),
+             "eps_type": ("EPS", lambda: _slepc_types("EPS")),
+             "st_type": ("ST", lambda: _slepc_types("ST")),
+             "ksp_type": ("KSP", lambda: _type_names(PETSc.KSP.Type)),
+             "pc_type": ("PC", lambda: _type_names(PETSc.PC.Type)),
+             "tao_type": ("TAO", lambda: _type_names(PETSc.TAO.Type) | {"adam"})}
+    for suffix, (what, names) in kinds.items():
+        if key == suffix or key.endswith("_" + suffix):
+            known = names()
+            # type names are case-sensitive in PETSc; "adam" (ours) is not
+            if value not in known and not (what == "TAO" and value.lower() == "adam"):
+                raise InputError("PETSc options", f"-{key}", f"unknown {what} type {value!r}; "
+                                 f"known: {', '.join(sorted(known))}")
+            return
+
+
+def _slepc_types(name: str) -> set[str]:
+    from slepc4py import SLEPc
+
+    return _type_names(getattr(SLEPc, name).Type)
+
+
+def _petsc_error(exc: BaseException):
+    """The PETSc.Error behind exc (itself, or in its __cause__ / __context__ chain), or None.
+    petsc4py sometimes reports one as a SystemError ("returned a result with an exception
+    set") whose cause is the PETSc.Error."""
+    mod = sys.modules.get("petsc4py.PETSc")
+    if mod is None:
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, mod.Error):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _petsc_message(err, petsc_opts) -> str:
+    """One line: PETSc's own reason (without source paths and URLs), the routine, the options
+    the user gave and what their prefixes configure."""
+    lines = str(err).splitlines()
+    head = lines[0].strip() if lines else f"error code {getattr(err, 'ierr', '?')}"
+    body = [ln.split("] ", 1)[1].strip() for ln in lines[1:] if ln.startswith("[") and "] " in ln]
+    calls = [b.split("(", 1)[0] for b in body if re.search(r"\(\) at ", b)]
+    reasons = [re.sub(r"[:;]?\s*https?://\S+", "", b).strip() for b in body
+               if not re.search(r"\(\) at ", b)]
+    reasons = [r for r in reasons if r]
+    where = f" in {calls[0]}" if calls else ""
+    msg = f"PETSc {head}{where}: " + ("; ".join(reasons[-2:]) if reasons else "solver failure")
+    if petsc_opts:
+        given = " ".join(f"-{k}" + (f" {v}" if v else "") for k, v in petsc_opts)
+        prefixes = sorted({_prefix_of(k) for k, _ in petsc_opts} - {None})
+        about = "; ".join(f"prefix {p} configures {PETSC_PREFIXES[p]}" for p in prefixes)
+        msg += (f" (PETSc options given: {given}" + (f"; {about}" if about else "")
+                + "; see `spinverse COMMAND --help`)")
+    return msg
+
+
+def _prefix_of(key: str) -> str | None:
+    """The longest spinverse options prefix `key` starts with (None for a global option)."""
+    hits = [p for p in PETSC_PREFIXES if key.startswith(p)]
+    return max(hits, key=len) if hits else None
 
 
 if __name__ == "__main__":

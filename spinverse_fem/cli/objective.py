@@ -42,8 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spinverse_fem.cli.outputs import config_inputs, write_failed
 from spinverse_fem.errors import InputError
 from spinverse_fem.io.atomic import write_json_atomic
+from spinverse_fem.io.paths import Output, check_outputs, on_root
 from spinverse_fem.parallel import say, world
 
 MODELS = ("reduced", "full")
@@ -149,12 +151,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 # -- objective -------------------------------------------------------------------------------------
 
-def cmd_objective(args) -> int:
-    """J and dJ/dkappa at one kappa -> HDF5 (rank 0, atomic) and a summary on stdout."""
+def _write_objective(out: Path, ev, args, comm, value, grad, grad_log10, seconds) -> None:
+    """The objective command's HDF5 file (docs/file_formats.md), written atomically."""
     from spinverse_fem.io.atomic import atomic_h5
 
+    with atomic_h5(out) as f:
+        f["objective"] = float(value)
+        f["gradient"] = grad
+        f["gradient_log10"] = grad_log10
+        f["faces"] = ev.problem.faces.faces
+        f["vertices"] = ev.problem.grid.points
+        f["kappa_um_per_ms"] = ev.kappa
+        f["active"] = ev.problem.active.astype(np.int8)
+        a = f.attrs
+        a["model"] = ev.model_name
+        a["normalisation"] = ev.normalisation
+        a["modes"] = ev.modes
+        if ev.time_step_ms is not None:
+            a["time_step_ms"] = ev.time_step_ms
+        a["misfit_weight"] = ev.misfit.weight
+        a["sequences"] = json.dumps(ev.names)
+        a["counters"] = json.dumps(ev.counters())
+        a["config"] = ev.cfg.text
+        a["target"] = str(args.target)
+        a["kappa_source"] = ev.kappa_source
+        a["ranks"] = comm.size
+        a["seconds"] = seconds
+        a["units"] = ("objective: dimensionless; gradient: dJ/dkappa in 1/(um/ms); "
+                      "gradient_log10: dJ/dlog10(kappa); kappa: um/ms; vertices: um; "
+                      "faces: canonical order")
+
+
+def cmd_objective(args) -> int:
+    """J and dJ/dkappa at one kappa -> HDF5 (rank 0, atomic) and a summary on stdout."""
     comm = world()
     t0 = time.perf_counter()
+    _check_outputs(args, comm, Output(args.out))
     ev = Evaluation(args, comm)
     try:
         value, grad = ev.misfit.cost_and_gradient(ev.kappa)
@@ -163,38 +195,30 @@ def cmd_objective(args) -> int:
     seconds = time.perf_counter() - t0
     grad = np.asarray(grad, dtype=np.float64)
     grad_log10 = grad * ev.kappa * math.log(10.0)
-    if comm.rank == 0:
+
+    def write():
         out = Path(args.out)
-        with atomic_h5(out) as f:
-            f["objective"] = float(value)
-            f["gradient"] = grad
-            f["gradient_log10"] = grad_log10
-            f["faces"] = ev.problem.faces.faces
-            f["vertices"] = ev.problem.grid.points
-            f["kappa_um_per_ms"] = ev.kappa
-            f["active"] = ev.problem.active.astype(np.int8)
-            a = f.attrs
-            a["model"] = ev.model_name
-            a["normalisation"] = ev.normalisation
-            a["modes"] = ev.modes
-            if ev.time_step_ms is not None:
-                a["time_step_ms"] = ev.time_step_ms
-            a["misfit_weight"] = ev.misfit.weight
-            a["sequences"] = json.dumps(ev.names)
-            a["counters"] = json.dumps(ev.counters())
-            a["config"] = ev.cfg.text
-            a["target"] = str(args.target)
-            a["kappa_source"] = ev.kappa_source
-            a["ranks"] = comm.size
-            a["seconds"] = seconds
-            a["units"] = ("objective: dimensionless; gradient: dJ/dkappa in 1/(um/ms); "
-                          "gradient_log10: dJ/dlog10(kappa); kappa: um/ms; vertices: um; "
-                          "faces: canonical order")
+        try:
+            _write_objective(out, ev, args, comm, value, grad, grad_log10, seconds)
+        except OSError as e:
+            raise write_failed(out, e) from None
+
+    on_root(comm, write)
     say(comm, f"objective ({ev.describe()})")
     say(comm, f"  J = {value:.10e}; |dJ/dkappa| = {np.linalg.norm(grad):.6e} 1/(um/ms), "
               f"|dJ/dlog10 kappa| = {np.linalg.norm(grad_log10):.6e}")
     say(comm, f"wrote {args.out} ({seconds:.2f} s)")
     return 0
+
+
+def _check_outputs(args, comm, *outputs) -> None:
+    """Refuse outputs that cannot be written or would replace an input (the config, the
+    files it reads, the target, the kappa file), on every rank, before any solve."""
+    from spinverse_fem.config import load_config
+
+    cfg = load_config(args.config)
+    check_outputs(list(outputs), [*config_inputs(args.config, cfg), ("target", args.target),
+                                  ("kappa", args.kappa)], comm)
 
 
 def register_objective(sub) -> None:
@@ -242,6 +266,8 @@ def cmd_taylor(args) -> int:
 
     comm = world()
     t0 = time.perf_counter()
+    if args.json:
+        _check_outputs(args, comm, Output(args.json, "--json"))
     ev = Evaluation(args, comm)
     try:
         cut = ev.misfit.last_cut
@@ -297,8 +323,8 @@ def cmd_taylor(args) -> int:
     say(comm, f"min asymptotic second-order rate {min_rate:.3f} "
               f"{'>=' if passed else 'below'} {TAYLOR_MIN_RATE}: "
               f"{'PASS' if passed else 'FAIL'} ({seconds:.2f} s)")
-    if args.json and comm.rank == 0:
-        write_json_atomic(Path(args.json), dict(
+    if args.json:
+        on_root(comm, lambda: write_json_atomic(Path(args.json), dict(
             model=ev.model_name, normalisation=ev.normalisation, modes=ev.modes,
             lambda_K=cut.lam_k if cut else None,
             lambda_K1=cut.lam_next if cut else None,
@@ -309,7 +335,7 @@ def cmd_taylor(args) -> int:
             second_order_rates=rates.tolist(), judged_rates=judged.tolist(),
             min_second_order_rate=min_rate,
             threshold=TAYLOR_MIN_RATE, passed=passed, counters=ev.counters(),
-            seconds=seconds, ranks=comm.size, kappa_source=ev.kappa_source))
+            seconds=seconds, ranks=comm.size, kappa_source=ev.kappa_source)))
     return 0 if passed else 1
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spinverse_fem.cli.outputs import config_inputs, remove_stale, write_failed
+from spinverse_fem.errors import InputError
 from spinverse_fem.parallel import say, world
 
 
@@ -14,12 +16,17 @@ def cmd_simulate(args) -> int:
     from spinverse_fem.config import load_config
     from spinverse_fem.forward.reduced_model import b0_signal
     from spinverse_fem.inverse.case import Case
+    from spinverse_fem.io.paths import Output, check_outputs, on_root
     from spinverse_fem.io.plots import plot_signal_decay
     from spinverse_fem.io.signals import table_from_sequences, write_signal_table
 
     comm = world()
     cfg = load_config(args.config)
     out = Path(args.out)
+    # "", "/" or ".." have no name to derive the plot's from: check_outputs refuses them
+    plot = out.with_name(out.stem + "_decay.png") if out.name not in ("", "..") else out
+    check_outputs([Output(args.out), Output(plot)], config_inputs(args.config, cfg), comm)
+    remove_stale(comm, out.parent, [out.name, plot.name])
     t0 = time.perf_counter()
     case = Case(comm, cfg)
     problem, model = case.phantom, case.forward
@@ -35,23 +42,34 @@ def cmd_simulate(args) -> int:
     signals = model.normalised_signals(system, cfg.sequences)
     s0 = [b0_signal(system, seq.echo_time_ms) for seq in cfg.sequences]
     table = table_from_sequences(cfg.sequences, signals, cfg.text, s0=s0)
-    if comm.rank == 0:
-        write_signal_table(out, table, extra={
-            "faces": problem.faces.faces, "vertices": problem.grid.points,
-            "kappa_um_per_ms": problem.kappa, "membrane": problem.membrane.astype(np.int8)})
-        plot = out.with_name(out.stem + "_decay.png")
-        plot_signal_decay(table, plot, title=f"{Path(args.config).name}: |S/S0| against b")
+
+    def write():
+        try:
+            write_signal_table(out, table, extra={
+                "faces": problem.faces.faces, "vertices": problem.grid.points,
+                "kappa_um_per_ms": problem.kappa, "membrane": problem.membrane.astype(np.int8)})
+        except OSError as e:
+            raise write_failed(out, e) from None
+        try:
+            plot_signal_decay(table, plot, title=f"{Path(args.config).name}: |S/S0| against b")
+        except OSError as e:
+            raise InputError(str(plot), "--out", f"cannot write the plot ({e.strerror or e}); "
+                             f"the signal table {out} was written") from None
         for k, seq in enumerate(cfg.sequences):
             rows = table.rows_of(k)
             mag = np.abs(table.signal[rows])
             print(f"  sequence {seq.name}: {len(rows)} measurements, |S/S0| in "
                   f"[{mag.min():.4f}, {mag.max():.4f}]")
-        print(f"wrote {out} and {plot} ({time.perf_counter() - t0:.2f} s)")
+        print(f"wrote {out} and {plot} ({time.perf_counter() - t0:.2f} s)", flush=True)
+
+    on_root(comm, write)  # rank 0 writes; a failure is the same error on every rank
     return 0
 
 
 def register(sub) -> None:
     s = sub.add_parser("simulate", help="simulate the signals of a configuration")
     s.add_argument("config", help="TOML configuration")
-    s.add_argument("--out", default="signals.h5", help="output HDF5 signal table")
+    s.add_argument("--out", default="signals.h5",
+                   help="output HDF5 signal table (the decay plot goes next to it as "
+                   "<stem>_decay.png); must not be an input file")
     s.set_defaults(func=cmd_simulate)

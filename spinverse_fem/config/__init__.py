@@ -3,9 +3,18 @@ protocol (sequences). The lowest layer: every other sub-package may import it.""
 
 from spinverse_fem.config.protocol import Sequence
 from spinverse_fem.config.reader import load_config, parse_config
-from spinverse_fem.config.schema import (Config, EigenConfig, FullOrderConfig, GeometryConfig,
-                                         GridConfig, InversionConfig, PermeabilityConfig,
-                                         PhysicsConfig, Stage, TargetConfig)
+from spinverse_fem.config.schema import (
+    Config,
+    EigenConfig,
+    FullOrderConfig,
+    GeometryConfig,
+    GridConfig,
+    InversionConfig,
+    PermeabilityConfig,
+    PhysicsConfig,
+    Stage,
+    TargetConfig,
+)
 
 __all__ = ["Config", "EigenConfig", "FullOrderConfig", "GeometryConfig", "GridConfig",
            "InversionConfig", "PermeabilityConfig", "PhysicsConfig", "Sequence", "Stage",

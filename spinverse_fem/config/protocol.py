@@ -14,9 +14,9 @@ File formats: Camino STEJSKALTANNER schemes (SI units) and FSL bvals/bvecs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence as SequenceLike
 
 import numpy as np
 
@@ -36,6 +36,10 @@ REFOCUS_TOL = 1e-9
 _PGSE_RTOL = 1e-12
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+# A configuration is a few kB and a protocol file (one line of < 100 bytes per measurement, at
+# most config.schema.MAX_MEASUREMENTS_PER_SEQUENCE rows) a few MB: anything larger is the wrong
+# file and is refused before it is read into memory.
+MAX_TEXT_BYTES = 64 * 2**20
 
 
 def fibonacci_directions(n: int) -> np.ndarray:
@@ -50,6 +54,36 @@ def fibonacci_directions(n: int) -> np.ndarray:
     r = np.sqrt(np.maximum(0.0, 1.0 - z * z))
     phi = i * _GOLDEN_ANGLE
     return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
+
+
+def read_text_file(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file; InputError naming the file when it is missing, not a
+    regular file (a folder, a device), larger than max_bytes, or not UTF-8 text."""
+    p = Path(path)
+    src = str(p)
+    try:
+        if not p.exists():
+            raise InputError(src, None, f"cannot read {what} (no such file)")
+        if not p.is_file():
+            raise InputError(src, None, f"cannot read {what}: not a regular file")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise InputError(src, None, f"{what} is {size / 2**20:.1f} MiB; a text file of at "
+                             f"most {max_bytes / 2**20:.0f} MiB is expected (the wrong file?)")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise InputError(src, None, f"cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(src, f"line {line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                         f"offset {exc.start}): a binary file or another encoding; {what} "
+                         "must be UTF-8 text") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise InputError(src, f"line {line}", f"contains NUL bytes: a binary file, not a {what}")
+    return text
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -85,7 +119,8 @@ def _check_directions(d, b_used, source: str, field: str) -> np.ndarray:
     except (TypeError, ValueError):
         raise InputError(source, field, "must be a list of 3-vectors") from None
     if d.ndim != 2 or d.shape[1] != 3 or d.shape[0] == 0:
-        raise InputError(source, field, f"must be a non-empty list of 3-vectors, got shape {d.shape}")
+        raise InputError(source, field,
+                         f"must be a non-empty list of 3-vectors, got shape {d.shape}")
     if not np.all(np.isfinite(d)):
         k = int(np.flatnonzero(~np.all(np.isfinite(d), axis=1))[0])
         raise InputError(source, f"{field}[{k}]", "must be finite")
@@ -116,13 +151,15 @@ def _check_measurements(b, directions, source: str, prefix: str) -> tuple[np.nda
         raise InputError(source, f"{prefix}directions", "must be a list of 3-vectors") from None
     if d.ndim != 2 or d.shape[0] != b.size:
         raise InputError(
-            source, f"{prefix}directions", f"need one direction per b-value ({b.size}), got shape {d.shape}"
+            source, f"{prefix}directions",
+            f"need one direction per b-value ({b.size}), got shape {d.shape}"
         )
     d = _check_directions(d, b, source, f"{prefix}directions")
     return b, d
 
 
-def _outer_measurements(b_values, directions, source: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def _outer_measurements(b_values, directions, source: str,
+                        prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows (b_values[ib], directions[idir]) at ib * nd + idir; errors index the user's lists."""
     b = _check_b(b_values, source, f"{prefix}b_s_per_mm2")
     # Every direction is used with every b, so it must be unit unless all b are zero.
@@ -136,9 +173,11 @@ def _check_segments(segments, source: str, prefix: str) -> tuple[tuple[float, fl
     try:
         seg = np.asarray(segments, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise InputError(source, field, f"must be [[duration_ms, amplitude], ...] ({exc})") from None
+        raise InputError(source, field,
+                         f"must be [[duration_ms, amplitude], ...] ({exc})") from None
     if seg.ndim != 2 or seg.shape[1] != 2 or seg.shape[0] == 0:
-        raise InputError(source, field, f"must be [[duration_ms, amplitude], ...], got shape {seg.shape}")
+        raise InputError(source, field,
+                         f"must be [[duration_ms, amplitude], ...], got shape {seg.shape}")
     if not np.all(np.isfinite(seg)):
         raise InputError(source, field, "must be finite")
     dur, amp = seg[:, 0], seg[:, 1]
@@ -213,7 +252,7 @@ class Sequence:
         name: str | None = None,
         source: str = "<pgse>",
         prefix: str = "",
-    ) -> "Sequence":
+    ) -> Sequence:
         """Pulsed-gradient spin echo: f = +1 on [0, delta], -1 on [Delta, Delta + delta].
 
         b_values (nb,) in s/mm^2 and directions (nd, 3) are combined as an outer product:
@@ -242,7 +281,7 @@ class Sequence:
         name: str = "waveform",
         source: str = "<waveform>",
         prefix: str = "",
-    ) -> "Sequence":
+    ) -> Sequence:
         """General piecewise-constant waveform, measurements as an outer product b x directions.
 
         segments: [(duration_ms, amplitude), ...]; rows ordered b outer, direction inner.
@@ -250,7 +289,8 @@ class Sequence:
         seg = _check_segments(segments, source, prefix)
         bb, dd = _outer_measurements(b_values, directions, source, prefix)
         if np.any(bb > 0) and _b_factor(seg) <= 0:
-            raise InputError(source, f"{prefix}segments", "waveform is zero: b > 0 cannot be reached")
+            raise InputError(source, f"{prefix}segments",
+                             "waveform is zero: b > 0 cannot be reached")
         return cls(name, seg, bb, dd)
 
     # -- derived quantities -------------------------------------------------------------------
@@ -341,7 +381,8 @@ def _normalise_file_directions(d: np.ndarray, b: np.ndarray, source: str, field:
     if np.any(bad):
         k = int(np.flatnonzero(bad)[0])
         raise InputError(
-            source, f"{field}[{k}]", f"must be a unit vector (zero only where b = 0), got norm {norm[k]:.6g}"
+            source, f"{field}[{k}]",
+            f"must be a unit vector (zero only where b = 0), got norm {norm[k]:.6g}"
         )
     out = d.copy()
     out[~zero] /= norm[~zero, None]
@@ -365,10 +406,7 @@ def read_camino_scheme(path) -> list[Sequence]:
     (the model's echo time is delta + DELTA: gradients are zero in any dead time).
     """
     source = str(path)
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise InputError(source, None, f"cannot read scheme file ({exc.strerror})") from None
+    lines = read_text_file(path, "scheme file").splitlines()
     rows: list[tuple[int, list[float]]] = []
     header_seen = False
     for lineno, raw in enumerate(lines, start=1):
@@ -385,7 +423,8 @@ def read_camino_scheme(path) -> list[Sequence]:
         parts = line.split()
         if len(parts) != 7:
             raise InputError(
-                source, f"line {lineno}", f"expected 7 columns 'gx gy gz |G| DELTA delta TE', got {len(parts)}"
+                source, f"line {lineno}",
+                f"expected 7 columns 'gx gy gz |G| DELTA delta TE', got {len(parts)}"
             )
         try:
             vals = [float(p) for p in parts]
@@ -408,7 +447,8 @@ def read_camino_scheme(path) -> list[Sequence]:
         if delta_s <= 0:
             raise InputError(source, field, f"delta must be > 0 s, got {delta_s:g}")
         if Delta_s < delta_s:
-            raise InputError(source, field, f"DELTA ({Delta_s:g} s) must be >= delta ({delta_s:g} s)")
+            raise InputError(source, field,
+                             f"DELTA ({Delta_s:g} s) must be >= delta ({delta_s:g} s)")
         if te_s < Delta_s + delta_s - 1e-9:
             raise InputError(source, field, f"TE ({te_s:g} s) must be >= DELTA + delta")
         # Rounding to 1e-9 ms merges rows whose timings differ only by decimal round-off.
@@ -458,10 +498,7 @@ def write_camino_scheme(path, sequences: SequenceLike[Sequence]) -> None:
 
 
 def _read_table(path, source: str) -> list[list[float]]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InputError(source, None, f"cannot read file ({exc.strerror})") from None
+    text = read_text_file(path, "file")
     table = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -473,7 +510,8 @@ def _read_table(path, source: str) -> list[list[float]]:
     return table
 
 
-def read_fsl(bvals_path, bvecs_path, delta_ms: float, Delta_ms: float, *, name: str | None = None) -> Sequence:
+def read_fsl(bvals_path, bvecs_path, delta_ms: float, Delta_ms: float, *,
+             name: str | None = None) -> Sequence:
     """Read FSL bvals/bvecs into one PGSE sequence.
 
     bvals: whitespace-separated b-values in s/mm^2 (any line layout). bvecs: 3 rows x N
@@ -497,10 +535,12 @@ def read_fsl(bvals_path, bvecs_path, delta_ms: float, Delta_ms: float, *, name: 
     if v.shape[0] == 3:
         v = v.T
     elif v.shape[1] != 3:
-        raise InputError(src_v, "bvecs", f"must be 3 rows x N or N rows x 3, got {v.shape[0]} x {v.shape[1]}")
+        raise InputError(src_v, "bvecs",
+                         f"must be 3 rows x N or N rows x 3, got {v.shape[0]} x {v.shape[1]}")
     if v.shape[0] != b.size:
         raise InputError(
-            f"{src_b}, {src_v}", "bvals/bvecs", f"{b.size} b-values in {src_b} but {v.shape[0]} directions in {src_v}"
+            f"{src_b}, {src_v}", "bvals/bvecs",
+            f"{b.size} b-values in {src_b} but {v.shape[0]} directions in {src_v}"
         )
     if not np.all(np.isfinite(v)):
         raise InputError(src_v, "bvecs", "must be finite")

@@ -14,23 +14,39 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spinverse_fem.errors import InputError
 from spinverse_fem.config.protocol import (
     UNIT_TOL,
     Sequence,
     fibonacci_directions,
     read_camino_scheme,
     read_fsl,
+    read_text_file,
 )
-
-from spinverse_fem.config.schema import (Config, EigenConfig, FullOrderConfig, GeometryConfig,
-    GridConfig, InversionConfig, PermeabilityConfig, PhysicsConfig, Stage, TargetConfig)
+from spinverse_fem.config.schema import (
+    MAX_EIGENBASIS_BYTES,
+    MAX_KAPPA_UM_PER_MS,
+    MAX_MEASUREMENTS_PER_SEQUENCE,
+    MAX_TETRAHEDRA,
+    Config,
+    EigenConfig,
+    FullOrderConfig,
+    GeometryConfig,
+    GridConfig,
+    InversionConfig,
+    PermeabilityConfig,
+    PhysicsConfig,
+    Stage,
+    TargetConfig,
+    eigenbasis_bytes,
+    estimated_tetrahedra,
+)
+from spinverse_fem.errors import InputError
 
 _MISSING = object()
 _AXES = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
@@ -40,9 +56,8 @@ _AXES = {"x": (1.0, 0.0, 0.0), "y": (0.0, 1.0, 0.0), "z": (0.0, 0.0, 1.0)}
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
-        type(v), type(v).__name__
-    )
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "table"}.get(type(v), type(v).__name__)
 
 
 class _Table:
@@ -80,6 +95,15 @@ class _Table:
         if key not in self.data:
             return v
         return _number(v, self.source, self.field(key), gt=gt, ge=ge, le=le)
+
+    def kappa(self, key, default=_MISSING, *, gt=None, ge=None) -> float | None:
+        """A permeability (um/ms): a number, and at most MAX_KAPPA_UM_PER_MS."""
+        v = self.number(key, default, gt=gt, ge=ge)
+        if key in self.data and v > MAX_KAPPA_UM_PER_MS:
+            raise self.error(key, f"{v:g} um/ms is not a physical permeability: at most "
+                             f"{MAX_KAPPA_UM_PER_MS:g} um/ms (a face is already transparent far "
+                             "below that; see config.schema)")
+        return v
 
     def integer(self, key, default=_MISSING, *, ge=None) -> int | None:
         v = self.raw(key, default)
@@ -196,11 +220,13 @@ def _grid(t: _Table, base: Path) -> GridConfig:
         lo, hi = t.vector3("lower_um"), t.vector3("upper_um")
         for i in range(3):
             if not hi[i] > lo[i]:
-                raise t.error("upper_um", f"must exceed lower_um in every component, got {hi} vs {lo}")
+                raise t.error("upper_um",
+                              f"must exceed lower_um in every component, got {hi} vs {lo}")
         cells = t.raw("cells")
         if not isinstance(cells, list) or len(cells) != 3:
             raise t.error("cells", f"must be a list of 3 integers, got {cells!r}")
-        cells = tuple(_integer(c, t.source, f"{t.field('cells')}[{i}]", ge=1) for i, c in enumerate(cells))
+        cells = tuple(_integer(c, t.source, f"{t.field('cells')}[{i}]", ge=1)
+                      for i, c in enumerate(cells))
         return GridConfig(kind, lower_um=lo, upper_um=hi, cells=cells)
     return GridConfig(kind, path=t.path("path", base), membrane_tag=t.integer("membrane_tag", None))
 
@@ -229,7 +255,8 @@ def _geometry(t: _Table, base: Path, grid: GridConfig) -> GeometryConfig:
             f" for kind {kind!r}")
     geo = _geometry_fields(t, kind, base, grid)
     if analytic:
-        geo = replace(geo, inside_rule=t.string("inside_rule", "vertices", choices=list(INSIDE_RULES)))
+        geo = replace(geo,
+                      inside_rule=t.string("inside_rule", "vertices", choices=list(INSIDE_RULES)))
     return geo
 
 
@@ -238,7 +265,8 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
     if kind == "plane":
         return GeometryConfig(kind, axis=t.unit_axis("axis"), position_um=t.number("position_um"))
     if kind == "sphere":
-        return GeometryConfig(kind, center_um=t.vector3("center_um", origin), radius_um=t.number("radius_um", gt=0))
+        return GeometryConfig(kind, center_um=t.vector3("center_um", origin),
+                              radius_um=t.number("radius_um", gt=0))
     if kind == "cylinder":
         return GeometryConfig(
             kind,
@@ -251,7 +279,8 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
         major = t.number("major_radius_um", gt=0)
         minor = t.number("minor_radius_um", gt=0)
         if not minor < major:
-            raise t.error("minor_radius_um", f"must be < major_radius_um ({major:g}), got {minor:g}")
+            raise t.error("minor_radius_um",
+                          f"must be < major_radius_um ({major:g}), got {minor:g}")
         return GeometryConfig(
             kind,
             center_um=t.vector3("center_um", origin),
@@ -268,13 +297,15 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
             pts = t.raw("control_points_um")
             if not isinstance(pts, list) or len(pts) < 2:
                 raise t.error("control_points_um", "must be a list of at least two 3-vectors")
-            pts = tuple(_vector3(p, t.source, f"{t.field('control_points_um')}[{i}]") for i, p in enumerate(pts))
+            pts = tuple(_vector3(p, t.source, f"{t.field('control_points_um')}[{i}]")
+                        for i, p in enumerate(pts))
             return GeometryConfig(kind, radius_um=radius, control_points_um=pts)
         return GeometryConfig(
             kind, radius_um=radius, segments=t.integer("segments", ge=1), seed=t.integer("seed", 0)
         )
     if kind == "two_axons":
-        return GeometryConfig(kind, radius_um=t.number("radius_um", gt=0), seed=t.integer("seed", 0))
+        return GeometryConfig(kind, radius_um=t.number("radius_um", gt=0),
+                              seed=t.integer("seed", 0))
     if kind == "paper":
         return GeometryConfig(kind, path=t.path("path", base))
     if kind == "file_tags" and grid.kind != "file":
@@ -284,16 +315,19 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
 
 def _permeability(t: _Table) -> PermeabilityConfig:
     t.allow(["barrier_um_per_ms", "open_um_per_ms", "outer"])
-    barrier = t.number("barrier_um_per_ms", ge=0)
-    open_ = t.number("open_um_per_ms", gt=0)
+    barrier = t.kappa("barrier_um_per_ms", ge=0)
+    open_ = t.kappa("open_um_per_ms", gt=0)
     if barrier > open_:
-        raise t.error("barrier_um_per_ms", f"must be <= open_um_per_ms ({open_:g}), got {barrier:g}")
-    return PermeabilityConfig(barrier, open_, t.string("outer", "neumann", choices=["neumann", "robin"]))
+        raise t.error("barrier_um_per_ms",
+                      f"must be <= open_um_per_ms ({open_:g}), got {barrier:g}")
+    return PermeabilityConfig(barrier, open_,
+                              t.string("outer", "neumann", choices=["neumann", "robin"]))
 
 
 def _physics(t: _Table) -> PhysicsConfig:
     t.allow(["diffusivity_um2_per_ms", "t2_ms"])
-    return PhysicsConfig(t.number("diffusivity_um2_per_ms", 2.0, gt=0), t.number("t2_ms", None, gt=0))
+    return PhysicsConfig(t.number("diffusivity_um2_per_ms", 2.0, gt=0),
+                         t.number("t2_ms", None, gt=0))
 
 
 def _eigen(t: _Table) -> EigenConfig:
@@ -303,7 +337,8 @@ def _eigen(t: _Table) -> EigenConfig:
     if num_modes is not None and num_modes > max_modes:
         raise t.error("num_modes", f"must be <= max_modes ({max_modes}), got {num_modes}")
     return EigenConfig(
-        t.number("length_scale_um", 2.0, gt=0), max_modes, num_modes, t.number("tolerance", 1e-10, gt=0)
+        t.number("length_scale_um", 2.0, gt=0), max_modes, num_modes,
+        t.number("tolerance", 1e-10, gt=0)
     )
 
 
@@ -322,14 +357,35 @@ _SEQUENCE_KEYS = {
 
 def _directions(t: _Table) -> np.ndarray:
     if t.has("directions") == t.has("fibonacci"):
-        raise t.error("directions", "give exactly one of 'directions' (list of unit 3-vectors) or 'fibonacci' (count)")
+        raise t.error("directions", "give exactly one of 'directions' (list of unit 3-vectors) "
+                                    "or 'fibonacci' (count)")
     if t.has("fibonacci"):
-        return fibonacci_directions(t.integer("fibonacci", ge=1))
+        n = t.integer("fibonacci", ge=1)
+        if n > MAX_MEASUREMENTS_PER_SEQUENCE:
+            raise t.error("fibonacci", _too_many(n))
+        return fibonacci_directions(n)
     d = t.raw("directions")
     if not isinstance(d, list) or not d:
         raise t.error("directions", "must be a non-empty list of unit 3-vectors")
+    if len(d) > MAX_MEASUREMENTS_PER_SEQUENCE:
+        raise t.error("directions", _too_many(len(d)))
     # Unit length is checked by Sequence, naming the offending entry.
-    return np.array([_vector3(v, t.source, f"{t.field('directions')}[{i}]") for i, v in enumerate(d)])
+    return np.array([_vector3(v, t.source, f"{t.field('directions')}[{i}]")
+                     for i, v in enumerate(d)])
+
+
+def _too_many(n: int, what: str = "measurements") -> str:
+    return (f"{n} {what} in one sequence; at most {MAX_MEASUREMENTS_PER_SEQUENCE} are "
+            "supported (each costs a reduced-model evaluation per gradient step)")
+
+
+def _measurements(t: _Table, b: list[float], directions: np.ndarray) -> np.ndarray:
+    """Refuse a b x directions product beyond the limit before it is built."""
+    n = len(b) * int(directions.shape[0])
+    if n > MAX_MEASUREMENTS_PER_SEQUENCE:
+        raise t.error("b_s_per_mm2", _too_many(n, f"measurements ({len(b)} b-values x "
+                                                 f"{directions.shape[0]} directions)"))
+    return directions
 
 
 def _pgse_timing(t: _Table) -> tuple[float, float]:
@@ -340,7 +396,8 @@ def _pgse_timing(t: _Table) -> tuple[float, float]:
     return delta, Delta
 
 
-def _sequences(t: _Table, base: Path) -> list[Sequence]:
+def _sequences(t: _Table, base: Path, files: list) -> list[Sequence]:
+    """The sequences of one [[sequence]] table; protocol files read are appended to `files`."""
     kind = t.string("type", choices=list(_SEQUENCE_KEYS))
     t.allow(["type", "name", *_SEQUENCE_KEYS[kind]], f" for type {kind!r}")
     name = t.string("name", None)
@@ -348,7 +405,8 @@ def _sequences(t: _Table, base: Path) -> list[Sequence]:
     if kind == "pgse":
         delta, Delta = _pgse_timing(t)
         b = t.numbers("b_s_per_mm2")
-        return [Sequence.pgse(delta, Delta, b, _directions(t), name=name, source=t.source, prefix=prefix)]
+        d = _measurements(t, b, _directions(t))
+        return [Sequence.pgse(delta, Delta, b, d, name=name, source=t.source, prefix=prefix)]
     if kind == "waveform":
         seg = t.raw("segments")
         if not isinstance(seg, list) or not seg:
@@ -358,22 +416,26 @@ def _sequences(t: _Table, base: Path) -> list[Sequence]:
             f = f"{t.field('segments')}[{i}]"
             if not isinstance(s, list) or len(s) != 2:
                 raise InputError(t.source, f, f"must be [duration_ms, amplitude], got {s!r}")
-            rows.append((_number(s[0], t.source, f + "[0]", ge=0), _number(s[1], t.source, f + "[1]")))
+            rows.append((_number(s[0], t.source, f + "[0]", ge=0),
+                         _number(s[1], t.source, f + "[1]")))
         b = t.numbers("b_s_per_mm2")
+        d = _measurements(t, b, _directions(t))
         return [
-            Sequence.waveform(
-                rows, b, _directions(t), name=name or "waveform", source=t.source, prefix=prefix
-            )
+            Sequence.waveform(rows, b, d, name=name or "waveform", source=t.source, prefix=prefix)
         ]
     if kind == "camino":
-        seqs = read_camino_scheme(t.path("file", base))
+        path = t.path("file", base)
+        files.append((t.field("file"), path))
+        seqs = read_camino_scheme(path)
         if name is None:
             return seqs
         if len(seqs) == 1:
             return [_renamed(seqs[0], name)]
         return [_renamed(s, f"{name} {s.name}") for s in seqs]
     delta, Delta = _pgse_timing(t)
-    return [read_fsl(t.path("bvals", base), t.path("bvecs", base), delta, Delta, name=name)]
+    bvals, bvecs = t.path("bvals", base), t.path("bvecs", base)
+    files.extend([(t.field("bvals"), bvals), (t.field("bvecs"), bvecs)])
+    return [read_fsl(bvals, bvecs, delta, Delta, name=name)]
 
 
 def _renamed(s: Sequence, name: str) -> Sequence:
@@ -387,13 +449,15 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
     d = _INVERSION_DEFAULTS
     allowed = [k for k in InversionConfig.__dataclass_fields__ if k != "custom_stages"] + ["stage"]
     t.allow(allowed)
-    kmin = t.number("kappa_min_um_per_ms", d.kappa_min_um_per_ms, gt=0)
-    kmax = t.number("kappa_max_um_per_ms", d.kappa_max_um_per_ms, gt=0)
+    kmin = t.kappa("kappa_min_um_per_ms", d.kappa_min_um_per_ms, gt=0)
+    kmax = t.kappa("kappa_max_um_per_ms", d.kappa_max_um_per_ms, gt=0)
     if not kmax > kmin:
-        raise t.error("kappa_max_um_per_ms", f"must be > kappa_min_um_per_ms ({kmin:g}), got {kmax:g}")
+        raise t.error("kappa_max_um_per_ms",
+                      f"must be > kappa_min_um_per_ms ({kmin:g}), got {kmax:g}")
     start = t.number("start_um_per_ms", d.start_um_per_ms, ge=kmin, le=kmax)
     threshold = t.number("threshold_um_per_ms", d.threshold_um_per_ms, ge=kmin, le=kmax)
-    curriculum = t.string("curriculum", d.curriculum, choices=["staged", "split", "long_to_short", "custom"])
+    curriculum = t.string("curriculum", d.curriculum,
+                          choices=["staged", "split", "long_to_short", "custom"])
     iterations = t.integer("iterations_per_stage", d.iterations_per_stage, ge=1)
     cw = t.number("continuity_weight", d.continuity_weight, ge=0)
     mw = t.number("manifold_weight", d.manifold_weight, ge=0)
@@ -401,19 +465,21 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
     if curriculum == "custom":
         raw = t.raw("stage", None)
         if not isinstance(raw, list) or not raw:
-            raise t.error("stage", "curriculum 'custom' needs at least one [[inversion.stage]] table")
+            raise t.error("stage",
+                          "curriculum 'custom' needs at least one [[inversion.stage]] table")
         stages = tuple(
             _stage(_Table(s, t.source, f"{t.prefix}.stage[{i}]"), sequences, iterations, cw, mw)
             for i, s in enumerate(raw)
         )
     elif t.has("stage"):
-        raise t.error("stage", f"[[inversion.stage]] tables need curriculum = 'custom', got {curriculum!r}")
+        raise t.error("stage",
+                      f"[[inversion.stage]] tables need curriculum = 'custom', got {curriculum!r}")
     return InversionConfig(
         kappa_min_um_per_ms=kmin,
         kappa_max_um_per_ms=kmax,
         start_um_per_ms=start,
         threshold_um_per_ms=threshold,
-        optimizer=t.string("optimizer", d.optimizer),
+        optimizer=_optimizer(t, d.optimizer),
         misfit_weight=t.number("misfit_weight", d.misfit_weight, ge=0),
         normalisation=t.string("normalisation", d.normalisation, choices=["reference", "own"]),
         curriculum=curriculum,
@@ -430,6 +496,31 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
     )
 
 
+def _optimizer(t: _Table, default: str) -> str:
+    """inversion.optimizer: "adam" or a PETSc TAO type petsc4py knows (not "python"/"shell",
+    which need a context the configuration cannot give)."""
+    if not t.has("optimizer"):
+        return default  # (no petsc4py import for a configuration that does not choose)
+    name = t.string("optimizer")
+    if name.lower() == "adam":
+        return name
+    known = tao_types()
+    if name not in known:
+        raise t.error("optimizer", f"unknown optimiser {name!r}: use 'adam' or a PETSc TAO type "
+                      f"({', '.join(sorted(known))})")
+    return name
+
+
+def tao_types() -> set[str]:
+    """The PETSc TAO types usable as inversion.optimizer (petsc4py's PETSc.TAO.Type)."""
+    import dolfinx_solver  # noqa: F401  (must precede petsc4py)
+    from petsc4py import PETSc
+
+    names = {v for k, v in vars(PETSc.TAO.Type).items()
+             if not k.startswith("_") and isinstance(v, str)}
+    return names - {"python", "shell"}
+
+
 def _stage(t: _Table, sequences: list[Sequence], iterations: int, cw: float, mw: float) -> Stage:
     t.allow(["sequences", "iterations", "continuity_weight", "manifold_weight"])
     refs = t.raw("sequences")
@@ -441,14 +532,16 @@ def _stage(t: _Table, sequences: list[Sequence], iterations: int, cw: float, mw:
         f = f"{t.field('sequences')}[{i}]"
         if isinstance(r, str):
             if r not in names:
-                raise InputError(t.source, f, f"no sequence named {r!r}; have {', '.join(map(repr, names))}")
+                raise InputError(t.source, f,
+                                 f"no sequence named {r!r}; have {', '.join(map(repr, names))}")
             idx.append(names.index(r))
         elif isinstance(r, int) and not isinstance(r, bool):
             if not 0 <= r < len(sequences):
                 raise InputError(t.source, f, f"index {r} out of range (0..{len(sequences) - 1})")
             idx.append(r)
         else:
-            raise InputError(t.source, f, f"must be a sequence name or 0-based index, got {_type_name(r)}")
+            raise InputError(t.source, f,
+                             f"must be a sequence name or 0-based index, got {_type_name(r)}")
     if len(set(idx)) != len(idx):
         raise t.error("sequences", "lists a sequence twice")
     return Stage(
@@ -521,24 +614,37 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
     if raw_seqs is None:
         raise InputError(source, "sequence", "at least one [[sequence]] table is required")
     if not isinstance(raw_seqs, list):
-        raise InputError(source, "sequence", "must be an array of tables: write [[sequence]], not [sequence]")
+        raise InputError(source, "sequence",
+                         "must be an array of tables: write [[sequence]], not [sequence]")
+    if not raw_seqs:
+        raise InputError(source, "sequence",
+                         "is empty: at least one [[sequence]] table is required")
+    files: list[tuple[str, Path]] = []
     sequences: list[Sequence] = []
     seen: dict[str, str] = {}
     for i, s in enumerate(raw_seqs):
         t = _Table(s, source, f"sequence[{i}]")
-        for seq in _sequences(t, base):
+        for seq in _sequences(t, base, files):
             if seq.name in seen:
                 raise InputError(
                     source,
                     f"sequence[{i}].name",
-                    f"duplicate sequence name {seq.name!r} (also {seen[seq.name]}); set a distinct 'name'",
+                    f"duplicate sequence name {seq.name!r} (also {seen[seq.name]}); "
+                    "set a distinct 'name'",
                 )
             seen[seq.name] = f"sequence[{i}]"
+            if seq.num_measurements > MAX_MEASUREMENTS_PER_SEQUENCE:  # read from a file
+                raise InputError(source, f"sequence[{i}]", _too_many(seq.num_measurements))
             sequences.append(seq)
 
     inversion = _inversion(table("inversion") or empty("inversion"), sequences)
     target_t = table("target")
     target = _target(target_t, base) if target_t else None
+    _check_sizes(source, grid, eigen, target)
+    if grid.path is not None:
+        files.insert(0, ("grid.path", grid.path))
+    if geometry.path is not None:
+        files.insert(0, ("geometry.path", geometry.path))
     return Config(
         source=source,
         text=text,
@@ -551,14 +657,45 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
         sequences=tuple(sequences),
         inversion=inversion,
         target=target,
+        input_files=tuple(files),
     )
+
+
+def _check_sizes(source: str, grid: GridConfig, eigen: EigenConfig,
+                 target: TargetConfig | None) -> None:
+    """Refuse, before anything is built, a grid (or the refined reference grid of [target]) that
+    cannot fit in memory: the limits and their reasons are in config.schema."""
+    refine = target.grid_refinement if target is not None and target.grid_refinement else 1
+    if grid.kind == "file":
+        if refine != 1:
+            raise InputError(source, "target.grid_refinement", "a file grid cannot be refined")
+        return  # its size is checked once it is read
+    field = {"bcc": "grid.cubes", "box": "grid.cells"}[grid.kind]
+    check_grid_size(source, field, estimated_tetrahedra(grid), eigen)
+    if refine > 1:  # the reference targets are simulated on the refined grid
+        check_grid_size(source, "target.grid_refinement", estimated_tetrahedra(grid, refine),
+                        eigen, note=f" (the grid refined {refine} times)")
+
+
+def check_grid_size(source: str, field: str | None, num_tets: int, eigen: EigenConfig,
+                    note: str = "") -> None:
+    """InputError(source, field) when num_tets tetrahedra, or the eigenbasis [eigen] asks for
+    on them, exceed the limits of config.schema."""
+    if num_tets > MAX_TETRAHEDRA:
+        raise InputError(source, field, f"{num_tets:.3g} tetrahedra{note}; at most "
+                         f"{MAX_TETRAHEDRA:.3g} fit in memory (every rank holds the whole grid)")
+    modes = eigen.num_modes if eigen.num_modes is not None else eigen.max_modes
+    need = eigenbasis_bytes(num_tets, modes)
+    if need > MAX_EIGENBASIS_BYTES:
+        raise InputError(source, field, f"{num_tets} tetrahedra{note} with up to {modes} "
+                         f"eigenmodes need about {need / 2**30:.0f} GiB for the eigenbasis; "
+                         f"the limit is {MAX_EIGENBASIS_BYTES / 2**30:.0f} GiB (use fewer cells "
+                         "or lower eigen.max_modes)")
 
 
 def load_config(path: str | Path) -> Config:
     """Read and parse a TOML configuration file (see the module docstring)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InputError(str(p), None, f"cannot read configuration ({exc.strerror})") from None
+    text = read_text_file(p, "configuration")
     return parse_config(text, source=str(p), base_dir=p.parent)
+

@@ -9,6 +9,55 @@ from pathlib import Path
 
 from spinverse_fem.config.protocol import Sequence
 
+# -- limits on what a run may ask for ----------------------------------------------------------
+#
+# The configuration reader refuses, before anything is built, a run that cannot fit in memory or
+# a value no tissue has; the messages state the estimate and the limit.
+#
+# Permeability (um/ms): a face is already transparent when kappa >> D / h (D <= 3 um^2/ms for
+# free water at body temperature, h the grid spacing): for any grid coarser than 1 nm that is
+# kappa >> 3e3 um/ms, so 1e6 um/ms is "no membrane" with a margin of 300. Larger values only
+# worsen the conditioning of the stiffness matrix (its face terms grow like kappa h / D against
+# the volume terms) until the eigen-solver's tolerance cannot be met; 1e300 overflows.
+MAX_KAPPA_UM_PER_MS = 1.0e6
+# Tetrahedra: every rank holds the whole serial grid and face table (points, tets, about two
+# faces per tet with their cells and sort temporaries: ~0.5 kB per tet), the distributed mesh
+# and the broken-P1 matrices L and M (4 dofs per tet, ~30 nonzeros per row: ~2 kB per tet), and
+# MUMPS factorises L - sigma M with 3D fill-in growing like N^(4/3). At 2 million tets that is
+# already 5 GB per rank before the factorisation and the eigenvectors; the largest grid measured
+# (19 008 tets) takes 144 s per forward solve on 2 ranks. Above this nothing useful finishes.
+MAX_TETRAHEDRA = 2_000_000
+# Eigenbasis: SLEPc keeps ncv = nev + mpd Krylov vectors (mpd <= 256) and the converged
+# eigenvectors are copied out, each a vector of 4 doubles per tet, so about
+# (2 K + 256) x 4 x 8 bytes per tet for K modes (K = eigen.num_modes or eigen.max_modes).
+# 64 GiB over all ranks is more than the machines this runs on hold.
+MAX_EIGENBASIS_BYTES = 64 * 2**30
+EIGEN_EXTRA_VECTORS = 256
+# Measurements per sequence: the reduced model evaluates one K x K complex matrix exponential
+# product per measurement and gradient step (K <= 500: ~0.1 s each), and the signal table holds
+# every row; real protocols have at most a few thousand. 100 000 is ~3 CPU hours per forward
+# evaluation at K = 500.
+MAX_MEASUREMENTS_PER_SEQUENCE = 100_000
+
+
+def estimated_tetrahedra(grid: GridConfig, refinement: int = 1) -> int | None:
+    """Tetrahedra of the grid [grid] describes, refined `refinement` times (exact for the
+    generated grids: bcc 12 n^2 (n - 1) with n = cubes x refinement, box 6 nx ny nz x
+    refinement^3); None for a file grid (known only once read)."""
+    r = int(refinement)
+    if grid.kind == "bcc":
+        n = int(grid.cubes) * r
+        return 12 * n * n * (n - 1)
+    if grid.kind == "box":
+        nx, ny, nz = (int(c) * r for c in grid.cells)
+        return 6 * nx * ny * nz
+    return None
+
+
+def eigenbasis_bytes(num_tets: int, modes: int) -> int:
+    """Estimated memory (bytes, all ranks together) of an eigen-solve for `modes` modes."""
+    return int(num_tets) * 4 * 8 * (2 * int(modes) + EIGEN_EXTRA_VECTORS)
+
 # -- dataclasses -----------------------------------------------------------------------------------
 
 
@@ -168,6 +217,9 @@ class Config:
     sequences: tuple[Sequence, ...]
     inversion: InversionConfig
     target: TargetConfig | None
+    # every file the configuration itself reads (grid, ground truth, protocol files), as
+    # (field, path) pairs; the [target] file is not among them (only some commands read it)
+    input_files: tuple[tuple[str, Path], ...] = ()
 
     def sequence_index(self, name: str) -> int:
         """Index of the sequence called `name` (KeyError if none)."""

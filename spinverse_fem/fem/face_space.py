@@ -13,7 +13,8 @@ import dolfinx_solver  # noqa: F401  (must precede dolfinx/petsc4py)
 import basix.ufl
 import numpy as np
 import ufl
-from dolfinx import fem, mesh as dmesh
+from dolfinx import fem
+from dolfinx import mesh as dmesh
 from mpi4py import MPI
 
 from spinverse_fem.geometry.topology import FaceTable, build_face_table

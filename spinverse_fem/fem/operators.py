@@ -16,8 +16,8 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
-from spinverse_fem.forms import bloch_torrey as bt
 from spinverse_fem.fem.face_space import FaceSpace
+from spinverse_fem.forms import bloch_torrey as bt
 
 OUTER_CONDITIONS = ("neumann", "robin")
 
@@ -50,7 +50,8 @@ class BlochTorreyOperators:
 
         self.M = self._assemble(bt.mass(u, v, self.dx))
         self.J = [self._assemble(bt.moment(u, v, i, self.dx)) for i in range(3)]
-        a = bt.stiffness(u, v, self.diffusivity, self.dx) + bt.face_coupling(u, v, self.kappa, self.dS)
+        a = (bt.stiffness(u, v, self.diffusivity, self.dx)
+             + bt.face_coupling(u, v, self.kappa, self.dS))
         if outer == "robin":
             a = a + bt.robin_sink(u, v, self.kappa, self.ds)
         if t2_ms is not None:
@@ -87,7 +88,8 @@ class BlochTorreyOperators:
         return self.space.comm
 
     def set_kappa(self, kappa_um_per_ms: np.ndarray) -> None:
-        """Re-assemble L for canonical face permeabilities (F,) in um/ms (outer faces used by robin)."""
+        """Re-assemble L for canonical face permeabilities (F,) in um/ms (outer faces used by
+        robin)."""
         k = np.asarray(kappa_um_per_ms, dtype=np.float64)
         if k.shape != (self.space.num_faces,):
             raise ValueError(f"kappa has shape {k.shape}, expected ({self.space.num_faces},)")

@@ -20,8 +20,8 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 from petsc4py import PETSc
 
-from spinverse_fem.forms import bloch_torrey as bt
 from spinverse_fem.fem.operators import BlochTorreyOperators
+from spinverse_fem.forms import bloch_torrey as bt
 
 
 class FaceSensitivity:

@@ -441,7 +441,7 @@ class FullOrderModel:
         return X
 
     def _adjoint_run(self, plans, r0: int, r1: int, R: np.ndarray, states,
-                     buf: "_ColumnBuffer") -> np.ndarray:
+                     buf: _ColumnBuffer) -> np.ndarray:
         """rhs_{r0} from R = rhs_{r1} over the steps of one run, adding the kappa terms.
 
         For n = r1-1, ..., r0:  lam_{n+1} = P_n^{-T} rhs_{n+1};  terms of step n;
@@ -535,7 +535,7 @@ class FullOrderModel:
         buf.flush()
         return S, self.ops.space.gather_face_vector(buf.acc)
 
-    def _backward(self, plans, ckpt, sbar: np.ndarray, buf: "_ColumnBuffer") -> None:
+    def _backward(self, plans, ckpt, sbar: np.ndarray, buf: _ColumnBuffer) -> None:
         N, K = len(plans), self.checkpoint_interval
         R = np.concatenate([np.outer(sbar.real, self.w), np.outer(sbar.imag, self.w)], axis=1)
         # with every state stored the whole time range is one window; else one per checkpoint

@@ -6,12 +6,11 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.config import EigenConfig, PhysicsConfig
-from spinverse_fem.forward.eigenbasis import Eigenbasis, cutoff_eigenvalue, solve_eigenbasis
 from spinverse_fem.fem.face_space import create_face_space
 from spinverse_fem.fem.operators import BlochTorreyOperators
+from spinverse_fem.forward.eigenbasis import Eigenbasis, cutoff_eigenvalue, solve_eigenbasis
+from spinverse_fem.forward.reduced_model import ReducedSystem, b0_signal, project, reduced_signals
 from spinverse_fem.geometry.phantom import Phantom
-from spinverse_fem.forward.reduced_model import (ReducedSystem, project, reduced_signals,
-                                         b0_signal)
 
 
 class ForwardModel:

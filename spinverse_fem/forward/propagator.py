@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy.optimize import brentq
@@ -82,7 +82,7 @@ _G_STACK_BYTES = 8 * 2**20
 # --------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _u_coefficients(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n, log|u_n|, sign u_n) for n = m+1 .. m+300 of u(x) in `_log_backward_error_ratio`."""
     n = np.arange(m + 1, m + 301, dtype=float)
@@ -116,7 +116,7 @@ def _log_backward_error_ratio(m: int, theta: float) -> float:
     return log_sum - math.log(theta)
 
 
-@lru_cache(maxsize=None)
+@cache
 def taylor_theta(m: int, tol: float = UNIT_ROUNDOFF) -> float:
     """theta_m(tol): the largest ||A||_1 (dimensionless) for which T_m(A) = exp(A + dA) with
     ||dA||_1 <= tol ||A||_1 (AH eq. (3.8)), found by bisection in log(theta).

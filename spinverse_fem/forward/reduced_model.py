@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from spinverse_fem.forward.eigenbasis import Eigenbasis, apply
 from spinverse_fem.fem.operators import BlochTorreyOperators
+from spinverse_fem.forward.eigenbasis import Eigenbasis, apply
 from spinverse_fem.forward.propagator import UNIT_ROUNDOFF, SequencePropagator
 
 

@@ -7,8 +7,8 @@ import numpy as np
 
 from spinverse_fem.config import Config
 from spinverse_fem.forward.model import ForwardModel
-from spinverse_fem.geometry.phantom import build_phantom
 from spinverse_fem.forward.reduced_model import b0_signal
+from spinverse_fem.geometry.phantom import build_phantom
 
 
 def simulate_targets(comm, cfg: Config, refinement: int = 1, noise_snr: float | None = None,

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spinverse_fem.config import Config, GeometryConfig, GridConfig, PermeabilityConfig
+from spinverse_fem.config.reader import check_grid_size
+from spinverse_fem.errors import InputError
+from spinverse_fem.geometry.topology import FaceTable, build_face_table
 from spinverse_fem.meshes import shapes
 from spinverse_fem.meshes.bcc import bcc_grid
 from spinverse_fem.meshes.box import box_grid
 from spinverse_fem.meshes.grid import Grid, membrane_mask
-from spinverse_fem.config import Config, GeometryConfig, GridConfig, PermeabilityConfig
-from spinverse_fem.errors import InputError
-from spinverse_fem.geometry.topology import FaceTable, build_face_table
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def membrane_faces(cfg: Config, grid: Grid, faces: FaceTable) -> np.ndarray:
     return shapes.membrane_faces(faces, inside)
 
 
-def permeability_field(cfg: PermeabilityConfig, faces: FaceTable, membrane: np.ndarray) -> np.ndarray:
+def permeability_field(cfg: PermeabilityConfig, faces: FaceTable,
+                       membrane: np.ndarray) -> np.ndarray:
     """(F,) kappa in um/ms: barrier on membrane faces, open elsewhere (outer faces included)."""
     kappa = np.full(faces.num_faces, float(cfg.open_um_per_ms))
     kappa[membrane] = float(cfg.barrier_um_per_ms)
@@ -108,6 +110,10 @@ def permeability_field(cfg: PermeabilityConfig, faces: FaceTable, membrane: np.n
 
 def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
     grid = build_grid(cfg.grid, cfg.source, refinement)
+    if cfg.grid.kind == "file":
+        # the generated grids were sized by the config reader; a file's only once read
+        check_grid_size(str(cfg.grid.path), "cells", grid.num_tets, cfg.eigen,
+                        note=" in the grid file")
     faces = build_face_table(grid.tets, grid.num_vertices)
     membrane = membrane_faces(cfg, grid, faces)
     kappa = permeability_field(cfg.permeability, faces, membrane)

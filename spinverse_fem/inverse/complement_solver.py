@@ -21,8 +21,8 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from spinverse_fem.forward.eigenbasis import apply, mumps_cholesky
 from spinverse_fem.errors import SolverError
+from spinverse_fem.forward.eigenbasis import apply, mumps_cholesky
 
 PREFIX = "spinverse_adj_"
 

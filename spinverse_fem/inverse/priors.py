@@ -5,8 +5,8 @@ a "barrier" with probability
 
     p = sigmoid((log10(threshold) - x) / width),
 
-which with threshold = 1 um/ms and width = 0.5 is the paper's sigmoid((-3 - log10 kappa[um/us]) / 0.5)
-(kappa[um/us] = kappa[um/ms] / 1000).
+which with threshold = 1 um/ms and width = 0.5 is the paper's
+sigmoid((-3 - log10 kappa[um/us]) / 0.5) (kappa[um/us] = kappa[um/ms] / 1000).
 
 Two priors (both dimensionless, to be weighted by the caller):
 

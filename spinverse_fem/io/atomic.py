@@ -11,6 +11,7 @@ an existing file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -59,9 +60,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     """Yield an h5py.File open for writing that becomes `path` only if the block and the close
-    succeed."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        yield f
+    succeed.
+
+    The file is built in memory and written out in one piece afterwards: HDF5 writes its
+    metadata lazily, so on a full disk a file written in place fails in h5py's close and object
+    deallocation (a cascade of errors, then a segmentation fault). Here a full disk is one
+    OSError from the final write, and the temporary file is removed.
+    """
+    buffer = io.BytesIO()
+    with atomic_path(path) as tmp:
+        with h5py.File(buffer, "w") as f:
+            yield f
+        with open(tmp, "wb") as out:
+            out.write(buffer.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spinverse_fem.config.schema import MAX_KAPPA_UM_PER_MS
 from spinverse_fem.errors import InputError
 from spinverse_fem.io.atomic import atomic_h5
 from spinverse_fem.io.signals import open_h5
@@ -59,9 +60,13 @@ def read_kappa(path, faces, vertices) -> np.ndarray:
                 raise InputError(src, key, "missing dataset")
             if not isinstance(f[key], h5py.Dataset):
                 raise InputError(src, key, "is not a dataset")
-        kappa = np.asarray(f["kappa_um_per_ms"][()])
-        ffaces = np.asarray(f["faces"][()])
-        fverts = np.asarray(f["vertices"][()])
+        arrays = {}
+        for key in DATASETS:
+            try:
+                arrays[key] = np.asarray(f[key][()])
+            except (OSError, ValueError, TypeError) as e:  # a damaged file
+                raise InputError(src, key, f"cannot be read ({e})") from None
+        kappa, ffaces, fverts = (arrays[k] for k in DATASETS)
 
     if fverts.shape != vertices.shape:
         raise InputError(src, "vertices", f"has shape {fverts.shape}, but the grid has "
@@ -100,6 +105,12 @@ def read_kappa(path, faces, vertices) -> np.ndarray:
         raise InputError(src, "kappa_um_per_ms", f"{int(neg.sum())} negative values (first at "
                          f"face {int(np.flatnonzero(neg)[0])}: {kappa[neg][0]:g} um/ms); "
                          "permeabilities must be >= 0")
+    big = kappa > MAX_KAPPA_UM_PER_MS
+    if big.any():
+        raise InputError(src, "kappa_um_per_ms", f"{int(big.sum())} values above "
+                         f"{MAX_KAPPA_UM_PER_MS:g} um/ms (first at face "
+                         f"{int(np.flatnonzero(big)[0])}: {kappa[big][0]:g} um/ms): not a "
+                         "physical permeability (a face is already transparent far below it)")
     return kappa
 
 

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from spinverse_fem.errors import InputError
+
 # re-exported: callers outside io (cli/objective.py, inverse/) still import atomic_h5 from here
 from spinverse_fem.io.atomic import atomic_h5
 
@@ -95,32 +96,101 @@ def open_h5(path, what: str) -> h5py.File:
 
 
 def read_signal_table(path) -> SignalTable:
-    """Read and check a signal table; InputError naming the file and field on bad content."""
+    """Read and check a signal table; InputError naming the file and field on bad content:
+    a required dataset missing, a group or unreadable where a dataset should be, a non-numeric
+    dtype, a shape that is not one row per measurement, non-finite signals, a sequence_index
+    that is not a non-negative integer, a sequence_names attribute that is not a JSON list of
+    strings."""
     src = str(path)
     with open_h5(path, "signal file") as f:
         for key in REQUIRED:
             if key not in f:
                 raise InputError(src, key, "missing dataset")
-        data = {k: np.asarray(f[k]) for k in f.keys()}
-        names = json.loads(f.attrs.get("sequence_names", "[]"))
+        data = {key: _read_numeric(f, key, src) for key in (*REQUIRED, *OPTIONAL) if key in f}
+        names = _sequence_names(f, src)
         cfg = f.attrs.get("config", "")
-    n = data["signal_real"].shape[0]
-    for key in ("signal_imag", "b_s_per_mm2", "sequence_index"):
-        if data[key].shape != (n,):
-            raise InputError(src, key, f"has shape {data[key].shape}, expected ({n},)")
+    sig_re = data["signal_real"]
+    if sig_re.ndim != 1:
+        raise InputError(src, "signal_real", f"has shape {sig_re.shape}, expected (n,): one "
+                         "value per measurement")
+    n = sig_re.shape[0]
+    for key in ("signal_imag", "b_s_per_mm2", "sequence_index", *OPTIONAL):
+        if key in data and data[key].shape != (n,):
+            raise InputError(src, key, f"has shape {data[key].shape}, expected ({n},) like "
+                             "signal_real")
     if data["direction"].shape != (n, 3):
         raise InputError(src, "direction",
                          f"has shape {data['direction'].shape}, expected ({n}, 3)")
+    for key in ("signal_real", "signal_imag"):
+        if not np.all(np.isfinite(data[key])):
+            raise InputError(src, key, "contains non-finite values")
     sig = data["signal_real"] + 1j * data["signal_imag"]
-    if not np.all(np.isfinite(sig)):
-        raise InputError(src, "signal_real", "contains non-finite values")
+    index = data["sequence_index"]
+    if not (np.all(np.isfinite(index)) and np.all(index == np.round(index))
+            and np.all(index >= 0)):
+        raise InputError(src, "sequence_index", "must hold non-negative integers (the 0-based "
+                         "sequence of each row)")
+    index = index.astype(np.int64)
+    if names and n and int(index.max()) >= len(names):
+        raise InputError(src, "sequence_names", f"names {len(names)} sequences, but "
+                         f"sequence_index goes up to {int(index.max())}")
     nan = np.full(n, np.nan)
-    return SignalTable(signal=sig, b_s_per_mm2=data["b_s_per_mm2"], direction=data["direction"],
-                       sequence_index=data["sequence_index"].astype(int),
+    return SignalTable(signal=sig, b_s_per_mm2=data["b_s_per_mm2"].astype(np.float64),
+                       direction=data["direction"].astype(np.float64),
+                       sequence_index=index,
                        delta_ms=data.get("delta_ms", nan), Delta_ms=data.get("Delta_ms", nan),
                        echo_time_ms=data.get("echo_time_ms", nan),
-                       sequence_names=tuple(names), config_text=str(cfg),
+                       sequence_names=tuple(names), config_text=_text_attr(cfg),
                        s0_um3=data.get("s0_um3"))
+
+
+# datasets a table may have besides REQUIRED (one value per row each)
+OPTIONAL = ("delta_ms", "Delta_ms", "echo_time_ms", "s0_um3")
+
+
+def _read_numeric(f: h5py.File, key: str, src: str) -> np.ndarray:
+    """Dataset `key` as a real numeric array; InputError naming it when it is a group, cannot be
+    read (a damaged file) or holds strings, compound or complex values."""
+    try:
+        obj = f[key]
+    except (KeyError, OSError, ValueError) as e:  # a dangling link, a damaged header
+        raise InputError(src, key, f"cannot be read ({e})") from None
+    if not isinstance(obj, h5py.Dataset):
+        raise InputError(src, key, f"is a {'group' if isinstance(obj, h5py.Group) else 'link'}, "
+                         "not a dataset")
+    if obj.dtype.kind not in "iuf":
+        raise InputError(src, key, f"must hold real numbers, got dtype {obj.dtype}")
+    try:
+        return np.asarray(obj[()], dtype=np.float64)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(src, key, f"cannot be read ({e})") from None
+
+
+def _text_attr(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _sequence_names(f: h5py.File, src: str) -> list[str]:
+    """The sequence_names attribute: a JSON list of strings ([] when absent)."""
+    try:
+        raw = f.attrs.get("sequence_names", None)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(src, "sequence_names", f"attribute cannot be read ({e})") from None
+    if raw is None:
+        return []
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    try:
+        names = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        names = None
+    if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        raise InputError(src, "sequence_names", f"attribute must be a JSON list of strings "
+                         f"(e.g. '[\"10/60\", \"10/20\"]'), got {shown}")
+    return names
 
 
 def check_table_matches(table: SignalTable, sequences, source: str) -> None:

@@ -19,10 +19,10 @@ PAPER_GRID_FILE = "019_torus_majr10_minr6.npz"
 
 def compute(comm: MPI.Comm) -> dict[str, np.ndarray]:
     """Robin outer faces, seeded random kappa (um/ms), a 2/4 ms PGSE with 4 measurements."""
-    from spinverse_fem.fem.face_space import create_face_space
-    from spinverse_fem.forward.full_order import FullOrderModel
-    from spinverse_fem.fem.operators import BlochTorreyOperators
     from spinverse_fem.config.protocol import Sequence
+    from spinverse_fem.fem.face_space import create_face_space
+    from spinverse_fem.fem.operators import BlochTorreyOperators
+    from spinverse_fem.forward.full_order import FullOrderModel
     from spinverse_fem.meshes.paper import paper_meshes_dir
 
     data = np.load(paper_meshes_dir() / PAPER_GRID_FILE)

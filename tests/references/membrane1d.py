@@ -34,9 +34,9 @@ So no root can be missed: each is bracketed by two known poles, and the
 number of eigenvalues with k <= K is N_0(K) - 1 or N_0(K) (the last gap may
 be cut by K), where N_0 counts the sealed spectrum with multiplicity.  Near a
 pole the trig functions are evaluated relative to the pole (see ``_trig``) so
-that roots within O(kappa) of a pole keep full relative accuracy.  The result is also checked against the
-interlacing ``k_n(0) <= k_n(kappa) <= k_n(inf) = n pi / L`` (monotonicity in
-kappa plus min-max with the one continuity constraint).  kappa = 0 (union of
+that roots within O(kappa) of a pole keep full relative accuracy.  The result is
+also checked against the interlacing ``k_n(0) <= k_n(kappa) <= k_n(inf) = n pi / L``
+(monotonicity in kappa plus min-max with the one continuity constraint).  kappa = 0 (union of
 both slabs' spectra, with the double zero) and kappa = inf (one slab) are
 handled explicitly.
 
@@ -145,7 +145,8 @@ def _secular_trig(k, sa, ca, sb, cb, kappa, D):
 
 
 def _root_between(P, P2, L, a, kappa, D):
-    """The unique root in the open interval between consecutive poles P, P2; returns _trig output."""
+    """The unique root in the open interval between consecutive poles P, P2; returns _trig
+    output."""
     b = L - a
     w = P2[0] - P[0]
 
@@ -177,7 +178,8 @@ def _root_between(P, P2, L, a, kappa, D):
 
 
 def _spectrum(L, a, kappa, D, k_max):
-    """Wave numbers k <= k_max with accurate trig; returns dict of (n,) arrays k, sa, ca, sb, cb, side."""
+    """Wave numbers k <= k_max with accurate trig; returns dict of (n,) arrays k, sa, ca, sb, cb,
+    side."""
     if not (0.0 < a < L):
         raise ValueError("membrane position must satisfy 0 < a < L")
     if kappa < 0:
@@ -189,7 +191,8 @@ def _spectrum(L, a, kappa, D, k_max):
         else:
             k = np.arange(int(np.floor(k_max * L / np.pi)) + 1) * np.pi / L
             side = -np.ones(k.size, int)
-        return dict(k=k, sa=np.sin(k * a), ca=np.cos(k * a), sb=np.sin(k * b), cb=np.cos(k * b), side=side)
+        return dict(k=k, sa=np.sin(k * a), ca=np.cos(k * a), sb=np.sin(k * b), cb=np.cos(k * b),
+                    side=side)
     # Poles up to one beyond k_max so that the last root <= k_max is bracketed.
     poles = _poles(L, a, k_max + np.pi / min(a, b) + 1e-9)
     rows = [_trig(poles[0], 0.0, a, b)]  # k = 0, the constant mode
@@ -327,7 +330,8 @@ def _membrane_signal_fixed(L, a, kappa, D, segments, q, n_modes):
     return propagate_signal(lam, modes.moment_matrix(), modes.integrals(), segments, q) / L
 
 
-def membrane_waveform_signal(L, a, kappa, D, segments, q, tol=SIGNAL_TOL, n_modes=None, return_n_modes=False):
+def membrane_waveform_signal(L, a, kappa, D, segments, q, tol=SIGNAL_TOL, n_modes=None,
+                             return_n_modes=False):
     """S/S0 for a piecewise-constant waveform ``[(dt_ms, amplitude)]`` in the membrane domain.
 
     q in 1/(um ms); x measured from the left wall.  ``n_modes=None`` doubles the
@@ -343,7 +347,8 @@ def membrane_waveform_signal(L, a, kappa, D, segments, q, tol=SIGNAL_TOL, n_mode
     return (s, N) if return_n_modes else s
 
 
-def membrane_pgse_signal(L, a, kappa, D, delta, Delta, q, tol=SIGNAL_TOL, n_modes=None, return_n_modes=False):
+def membrane_pgse_signal(L, a, kappa, D, delta, Delta, q, tol=SIGNAL_TOL, n_modes=None,
+                         return_n_modes=False):
     """PGSE S/S0 in [0, L] (um) with a membrane at a (um) of permeability kappa (um/ms).
 
     D in um^2/ms, delta/Delta in ms, q = gamma G in 1/(um ms).  ``tol`` is the

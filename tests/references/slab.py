@@ -70,11 +70,13 @@ def pgse_b_value(q_per_um_ms: float, delta_ms: float, Delta_ms: float) -> float:
 
 def pgse_q_from_b(b_s_per_mm2: float, delta_ms: float, Delta_ms: float) -> float:
     """Gradient wave number q = gamma G in 1/(um ms) for a PGSE b-value in s/mm^2."""
-    return float(np.sqrt(b_to_ms_per_um2(b_s_per_mm2) / (delta_ms**2 * (Delta_ms - delta_ms / 3.0))))
+    return float(np.sqrt(b_to_ms_per_um2(b_s_per_mm2)
+                         / (delta_ms**2 * (Delta_ms - delta_ms / 3.0))))
 
 
 def pgse_segments(delta_ms: float, Delta_ms: float) -> list[tuple[float, float]]:
-    """PGSE waveform as ``[(dt_ms, amplitude)]``: +1 on [0, delta], 0, -1 on [Delta, Delta+delta]."""
+    """PGSE waveform as ``[(dt_ms, amplitude)]``: +1 on [0, delta], 0, -1 on
+    [Delta, Delta+delta]."""
     if not (0.0 < delta_ms <= Delta_ms):
         raise ValueError("PGSE needs 0 < delta <= Delta")
     segs = [(delta_ms, 1.0)]
@@ -91,7 +93,8 @@ def slab_eigenvalues(length_um: float, D: float, n_modes: int) -> np.ndarray:
 
 
 def slab_modes(length_um: float, n_modes: int, x_um: np.ndarray) -> np.ndarray:
-    """Normalised eigenfunctions on [0, L] at ``x_um`` (npts,); returns (n_modes, npts) in 1/sqrt(um)."""
+    """Normalised eigenfunctions on [0, L] at ``x_um`` (npts,); returns (n_modes, npts) in
+    1/sqrt(um)."""
     x = np.asarray(x_um, dtype=float)
     n = np.arange(n_modes, dtype=float)[:, None]
     phi = np.sqrt(2.0 / length_um) * np.cos(n * np.pi * x[None, :] / length_um)
