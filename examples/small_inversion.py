@@ -29,58 +29,17 @@ Run:  python examples/small_inversion.py          (or: mpiexec -n 2 python ...)
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
-from spinverse_fem.config import parse_config
+from spinverse_fem.config import load_config
 from spinverse_fem.evaluation.scoring import score
 from spinverse_fem.inverse.case import Case
 from spinverse_fem.inverse.driver import Inversion
 from spinverse_fem.parallel import say, world
 
-CONFIG = """
-[grid]
-kind = "bcc"
-cubes = 3
-cube_um = 8.8888889
+CONFIG = Path(__file__).resolve().parent / "small_sphere.toml"
 
-[geometry]
-kind = "sphere"
-center_um = [0.0, 0.0, 0.0]
-radius_um = 10.0
-
-[permeability]
-barrier_um_per_ms = 0.01
-open_um_per_ms = 100.0
-outer = "robin"
-
-[eigen]
-# keep the modes with lambda < D pi^2 / l^2, at most 60 (about 400 lie below that cutoff here:
-# the cap, which the library announces with a warning, keeps the example fast)
-length_scale_um = 2.0
-max_modes = 60
-
-[[sequence]]
-type = "pgse"
-name = "10/20"
-delta_ms = 10.0
-Delta_ms = 20.0
-b_s_per_mm2 = [0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0]
-fibonacci = 12
-
-[[sequence]]
-type = "pgse"
-name = "10/60"
-delta_ms = 10.0
-Delta_ms = 60.0
-b_s_per_mm2 = [0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0]
-fibonacci = 12
-
-[inversion]
-curriculum = "staged"
-optimizer = "adam"
-iterations_per_stage = {iterations}
-adam_warmup = {warmup}
-checkpoint_every = 10
-"""
 
 
 def main(comm, iterations: int = 20, warmup: int = 5, verbose: bool = True) -> dict:
@@ -88,7 +47,9 @@ def main(comm, iterations: int = 20, warmup: int = 5, verbose: bool = True) -> d
     metrics (cd_l2, bad_edge_pct, iou, interface_faces, ...), the per-iteration history, the
     mode count of each stage, the final kappa, and seconds."""
     t0 = time.perf_counter()
-    cfg = parse_config(CONFIG.format(iterations=iterations, warmup=warmup))
+    cfg = load_config(CONFIG)
+    cfg = replace(cfg, inversion=replace(cfg.inversion, iterations_per_stage=iterations,
+                                         adam_warmup=warmup))
     case = Case(comm, cfg)
     threshold = cfg.inversion.threshold_um_per_ms
     say(comm, f"grid: {case.phantom.grid.num_tets} tetrahedra, {case.params.size} unknowns; "

@@ -226,10 +226,10 @@ def test_small_inversion_recovers_sphere(world, inversion):
           f"{r['iterations']} iterations, {r['seconds']:.1f} s")
     same_on_all_ranks(world, [m["cd_l2"], m["bad_edge_pct"], m["iou"]], rtol=1e-9)
     ex = load_example("small_inversion")
-    from spinverse_fem.config import parse_config
+    from spinverse_fem.config import load_config
     from spinverse_fem.geometry.phantom import build_phantom
 
-    phantom = build_phantom(parse_config(ex.CONFIG.format(iterations=1, warmup=1)))
+    phantom = build_phantom(load_config(ex.CONFIG))
     truth = sphere_membrane(phantom.grid.points, phantom.grid.tets, phantom.faces.faces,
                             np.zeros(3), 10.0)
     assert truth.sum() == 24

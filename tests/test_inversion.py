@@ -3,6 +3,7 @@ reconstruction, and exact resume after a kill."""
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,47 +25,21 @@ from spinverse_fem.inverse.taylor import taylor_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SPHERE = """
-[grid]
-kind = "bcc"
-cubes = 3
-cube_um = 8.8888889
-[geometry]
-kind = "sphere"
-center_um = [0.0, 0.0, 0.0]
-radius_um = 10.0
-[permeability]
-barrier_um_per_ms = 0.01
-open_um_per_ms = 100.0
-outer = "robin"
-[eigen]
-length_scale_um = 2.0
-max_modes = 60
-[[sequence]]
-type = "pgse"
-name = "10/20"
-delta_ms = 10.0
-Delta_ms = 20.0
-b_s_per_mm2 = [0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0]
-fibonacci = 12
-[[sequence]]
-type = "pgse"
-name = "10/60"
-delta_ms = 10.0
-Delta_ms = 60.0
-b_s_per_mm2 = [0.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0]
-fibonacci = 12
-[inversion]
-curriculum = "staged"
-optimizer = "{optimizer}"
-iterations_per_stage = {iterations}
-adam_warmup = 10
-checkpoint_every = {every}
-"""
+SPHERE = ROOT / "examples" / "small_sphere.toml"
+
+
+def sphere_text(optimizer="adam", iterations=40, every=10) -> str:
+    """examples/small_sphere.toml with the optimiser, iterations per stage and checkpoint
+    interval replaced."""
+    text = SPHERE.read_text()
+    for key, value in (("optimizer", f'"{optimizer}"'), ("iterations_per_stage", iterations),
+                       ("checkpoint_every", every)):
+        text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+    return text
 
 
 def sphere_config(optimizer="adam", iterations=40, every=10):
-    return parse_config(SPHERE.format(optimizer=optimizer, iterations=iterations, every=every))
+    return parse_config(sphere_text(optimizer, iterations, every))
 
 
 def test_adam_schedule_matches_closed_form():
@@ -148,7 +123,7 @@ def test_resume_after_kill_gives_same_kappa(tmp_path):
     Also checks every output file exists and metrics.json's CD-L2 equals an independent
     computation from interface.ply."""
     cfg = tmp_path / "sphere.toml"
-    cfg.write_text(SPHERE.format(optimizer="adam", iterations=12, every=4))
+    cfg.write_text(sphere_text("adam", iterations=12, every=4))
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "run_inversion.py"), "--config", str(cfg)]
     r = subprocess.run(["timeout", "600", *cmd, "--out", str(tmp_path / "a")],

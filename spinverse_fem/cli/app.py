@@ -2,7 +2,8 @@
 
 Bad input (config, protocol, mesh, signal or kappa files, output paths, PETSc options) and solver
 failures print one message naming the file and field and exit with code 2, leaving no output
-file behind.
+file behind. Warnings of the solvers (Python `warnings`) print as one line `note: <message>`
+(rank 0, once per distinct message, without source paths).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 
 from spinverse_fem import __version__
 from spinverse_fem.cli import evaluate, invert, objective, simulate
@@ -26,6 +28,7 @@ COMMANDS = {
 }
 
 EXIT_INPUT = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, the shell's code for a command stopped by Ctrl-C
 
 # what each PETSc options prefix configures (docs/units_and_files.md, section 5)
 PETSC_PREFIXES = {
@@ -47,8 +50,13 @@ PETSc and SLEPc options go after the command as single-dash '-key value' pairs, 
 -spinverse_eps_ncv N without -spinverse_eps_mpd also sets -spinverse_eps_mpd N (SLEPc needs
 ncv <= nev + mpd). An unknown solver type or a bad value is refused with one message (exit 2).
 """
-# commands that run no PETSc solver (no options epilog)
+# commands that run no PETSc solver (their epilog says so)
 NO_PETSC = ("evaluate",)
+NO_PETSC_EPILOG = """\
+`{command}` runs no PETSc or SLEPc solver: it takes no PETSc options (the solver options of
+the other commands go after the command as single-dash '-key value' pairs; see `spinverse
+simulate --help`).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     for register in COMMANDS.values():
         register(sub)
     for name, parser in sub.choices.items():
-        if name not in NO_PETSC:
-            parser.epilog = PETSC_EPILOG.format(command=name)
-            parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = (NO_PETSC_EPILOG if name in NO_PETSC else PETSC_EPILOG).format(
+            command=name)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
 
 
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
     petsc_opts = _petsc_options(extra)
     if petsc_opts is None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    previous = warnings.showwarning
+    warnings.showwarning = _Notes()
     try:
         if petsc_opts:
             _set_petsc_options(petsc_opts)
@@ -108,6 +118,39 @@ def main(argv=None) -> int:
             raise
         _report(_petsc_message(err, petsc_opts))
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C where no command handles it (`invert` stops at an iteration instead)
+        if _rank() == 0:
+            print("spinverse: interrupted", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
+    finally:
+        warnings.showwarning = previous
+
+
+class _Notes:
+    """warnings.showwarning while a command runs: `note: <message>` on stdout, rank 0 only,
+    once per distinct message; no category, source path or line (a user cannot act on them).
+    E.g. `note: 911 eigenvalues lie below the cutoff; keeping 111 (max_modes = 111)`."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text in self.seen:
+            return
+        self.seen.add(text)
+        if _rank() == 0:
+            print(f"note: {text}", flush=True)
+
+
+def _rank() -> int:
+    """This process's MPI rank (0 before MPI is initialised)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    try:
+        return mpi.COMM_WORLD.rank if mpi is not None else 0
+    except Exception:  # pragma: no cover
+        return 0
 
 
 def _report(message: str) -> None:

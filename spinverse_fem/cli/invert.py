@@ -27,7 +27,8 @@ DEFAULT_CONFIG = ROOT / "examples" / "paper_torus.toml"
 
 def add_invert_arguments(p) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="TOML configuration (default: the paper's torus, examples/paper_torus.toml)")
+                   help="TOML configuration (default: the paper's torus, "
+                   "examples/paper_torus.toml)")
     p.add_argument("--out", default="out",
                    help="output folder (default: out/), created if missing; locked while the "
                    "run writes into it (a second run into the same folder is refused)")
@@ -107,11 +108,22 @@ def exit_code(signum: int) -> int:
 
 
 def cmd_invert(args) -> int:
+    comm = world()
+    with Interrupts(comm) as interrupts:
+        try:
+            return _invert_locked(args, comm, interrupts)
+        except _StopNow as e:
+            # serial only: the checkpoint of the last segment (if any) is kept
+            print("interrupted again: stopped at once; continue from the last checkpoint "
+                  "with --resume", flush=True)
+            return exit_code(e.signum)
+
+
+def _invert_locked(args, comm, interrupts) -> int:
     from spinverse_fem.cli.outputs import config_inputs, remove_stale
     from spinverse_fem.config import load_config
     from spinverse_fem.io.paths import Output, OutputLock, check_outputs, remove_if_empty
 
-    comm = world()
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     if args.iterations is not None:
@@ -134,14 +146,7 @@ def cmd_invert(args) -> int:
             if lock.note:
                 say(comm, lock.note)
             remove_stale(comm, out, OUTPUT_FILES)
-            with Interrupts(comm) as interrupts:
-                try:
-                    return _invert(args, comm, cfg, out, t0, interrupts)
-                except _StopNow as e:
-                    # serial only: the checkpoint of the last segment (if any) is kept
-                    print(f"interrupted again: stopped at once; continue from the last "
-                          f"checkpoint with --resume", flush=True)
-                    return exit_code(e.signum)
+            return _invert(args, comm, cfg, out, t0, interrupts)
         finally:
             lock.release()
     except BaseException:
@@ -156,9 +161,15 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
     from spinverse_fem.inverse.case import Case
     from spinverse_fem.inverse.checkpoint import fingerprint_of, read_checkpoint, write_checkpoint
     from spinverse_fem.inverse.driver import Inversion
-    from spinverse_fem.io.outputs import (plot_fit, plot_history, write_interface_ply,
-                                          write_interface_xdmf, write_metrics, write_result)
+    from spinverse_fem.io.outputs import (
+        plot_history,
+        write_interface_ply,
+        write_interface_xdmf,
+        write_metrics,
+        write_result,
+    )
     from spinverse_fem.io.paths import on_root
+    from spinverse_fem.io.plots import plot_fit
 
     # the checkpoint is read on rank 0 and broadcast: every rank resumes from the same state or
     # raises the same error
@@ -172,6 +183,9 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
         on_root(comm, lambda: read_checkpoint(ckpt, None).stage)
     case = Case(comm, cfg, target_file=args.target)
     problem = case.phantom
+    start_x, start_note = None, None
+    if args.start_kappa is not None:  # checked against the grid before the targets are made
+        start_x, start_note = _start_x(args.start_kappa, case, comm)
     targets = case.targets.signals
     source = case.targets.source
     truth = case.truth
@@ -185,12 +199,16 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
               f"{comm.size} rank(s)")
     inv = Inversion(case, log=lambda s: say(comm, s),
                     observer=lambda kappa: score(problem, kappa, threshold, truth))
-    start_x, start_tag = None, ""
-    if args.start_kappa is not None:
-        start_x = _start_x(args.start_kappa, case, comm)
+    start_tag = ""
+    if start_x is not None:
+        say(comm, start_note)
         start_tag = "\nstart kappa " + hashlib.sha256(start_x.tobytes()).hexdigest()[:16]
-    fp = fingerprint_of(cfg.text + str(args.iterations) + start_tag, targets)
+    fp = _fingerprint(case, cfg.text + str(args.iterations) + start_tag)
     if resume:
+        # a checkpoint of an earlier version hashed simulated targets bit for bit
+        legacy = fingerprint_of(cfg.text + str(args.iterations) + start_tag, targets)
+        if on_root(comm, lambda: _stored_fingerprint(ckpt)) == legacy:
+            fp = legacy
         state = on_root(comm, lambda: read_checkpoint(ckpt, fp, num_parameters=case.params.size,
                                                       num_stages=len(case.stages)))
         say(comm, f"resuming from {ckpt}: stage {min(state.stage + 1, len(case.stages))}, "
@@ -274,15 +292,36 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
     return 0
 
 
+def _fingerprint(case, text: str) -> str:
+    """What a checkpoint must belong to: the configuration (with --iterations, --start-kappa)
+    and, for targets read from a file, the targets bit for bit. Simulated targets are fixed by
+    the configuration; their last bits vary between runs under MPI (parallel MUMPS is not
+    bitwise reproducible) and with the rank count, so they are not hashed."""
+    from spinverse_fem.inverse.checkpoint import fingerprint_of
+
+    return fingerprint_of(text, case.targets.signals if case.target_file else [])
+
+
+def _stored_fingerprint(path) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            fp = f.attrs.get("fingerprint")
+    except OSError:
+        return None
+    return fp.decode("utf-8", "replace") if isinstance(fp, bytes) else fp
+
+
 def _mpi_max():
     from mpi4py import MPI
 
     return MPI.MAX
 
 
-def _start_x(path, case, comm) -> np.ndarray:
-    """x0 = log10 kappa on the active faces from a kappa file of the config's grid (read on
-    rank 0, checked against the grid), clipped to the bounds (with a note)."""
+def _start_x(path, case, comm) -> tuple[np.ndarray, str]:
+    """(x0, a line saying what it is): x0 = log10 kappa on the active faces from a kappa file
+    of the config's grid (read on rank 0, checked against the grid), clipped to the bounds."""
     from spinverse_fem.io.kappa import read_kappa
     from spinverse_fem.io.paths import on_root
 
@@ -294,11 +333,11 @@ def _start_x(path, case, comm) -> np.ndarray:
     high = int(np.sum(active > inv.kappa_max_um_per_ms))
     with np.errstate(divide="ignore"):
         x = case.params.from_kappa(kappa)
-    say(comm, f"warm start from {path}: kappa in [{active.min():.4g}, {active.max():.4g}] um/ms "
-              f"on the {active.size} active faces"
-              + (f"; {low} below kappa_min and {high} above kappa_max clipped to the bounds"
-                 if low or high else ""))
-    return x
+    note = (f"warm start from {path}: kappa in [{active.min():.4g}, {active.max():.4g}] um/ms "
+            f"on the {active.size} active faces"
+            + (f"; {low} below kappa_min and {high} above kappa_max clipped to the bounds"
+               if low or high else ""))
+    return x, note
 
 
 def _extend(inv, state, n: int, comm) -> None:
@@ -332,8 +371,8 @@ def _interrupted_line(inv, state) -> str:
         done = state.stage_iteration if state.stage == last else 0
         line += f" --extend {inv.last_stage_end - max(configured, done)}"
     if st.resume_iteration != st.iteration:
-        line += (f" (from the checkpoint at iteration {st.resume_iteration}: "
-                 f"{inv.cfg.inversion.optimizer}'s state cannot be saved inside a segment)")
+        line += (f" (from the checkpoint at iteration {st.resume_iteration}: a TAO "
+                 "optimiser's memory cannot be saved inside a segment)")
     return line
 
 

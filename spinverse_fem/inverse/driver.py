@@ -39,6 +39,10 @@ HISTORY_KEYS = ("stage", "iteration", "misfit", "continuity", "manifold", "total
                 "manifold_weight", "modes", "mode_gap", "cd_l2", "bad_edge_pct",
                 "interface_faces", "seconds")
 
+# the stages' misfit settings: an optimiser needs far less than the Taylor tests; these change
+# the gradient by ~1e-9 relative (benchmarks/gradient.py)
+MODEL_OPTIONS = dict(adjoint_rtol=1e-6, taylor_tol=2.0**-40)
+
 
 @dataclass
 class RunState:
@@ -142,10 +146,7 @@ class Inversion:
         return self.params.to_kappa(x)
 
     def _stage_model(self, stage_index: int, num_modes: int, x: np.ndarray):
-        # an optimiser needs far less than the Taylor tests: these change the gradient by
-        # ~1e-9 relative (benchmarks/gradient.py)
-        return self.case.stage_model(stage_index, num_modes, x, adjoint_rtol=1e-6,
-                                     taylor_tol=2.0**-40)
+        return self.case.stage_model(stage_index, num_modes, x, **MODEL_OPTIONS)
 
     def manifold_weight(self, global_iteration: int) -> float:
         stage = self.stages[min(self._stage_for(global_iteration), len(self.stages) - 1)]
@@ -242,6 +243,13 @@ class Inversion:
         model.cost_and_gradient(state.x)
         t_start = time.perf_counter() - state.elapsed
         self._record(state, si, state.x, model, t_start, label="final")
+
+    def predicted_signals(self, state: RunState) -> list[np.ndarray]:
+        """S/S0 (complex, per configured sequence) at the final kappa: the reduced model with
+        the last stage's mode count and the stages' model settings, normalised as the misfit
+        is (inversion.normalisation). Collective."""
+        misfit = self.case.misfit(None, num_modes=state.modes[-1], **MODEL_OPTIONS)
+        return [np.asarray(s) for s in misfit.signals(self.kappa(state.x))]
 
     def _stop_requested(self) -> bool:
         """Collective: has any rank been asked to stop? (the agreed value is kept)"""

@@ -1,20 +1,39 @@
 """Files an inversion leaves behind: result.h5, interface.xdmf (+ interface.h5), interface.ply,
-metrics.json, history.png (rank 0 only; each written atomically). Contents and units:
-docs/file_formats.md.
+metrics.json, history.png (and fit.png, `io.plots.plot_fit`), rank 0 only, each written
+atomically (`io.atomic`: a temporary file renamed onto the target, with the mode the user's
+umask gives). Contents and units: docs/file_formats.md, docs/units_and_files.md.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from spinverse_fem.io.atomic import (atomic_h5, save_figure_atomic, write_json_atomic,
-                                     write_text_atomic)
+from spinverse_fem.io.atomic import (
+    atomic_h5,
+    save_figure_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from spinverse_fem.io.ply import write_ply
 
 
-def write_result(path: Path, problem, state, final_kappa, interface, config_text, attrs) -> None:
+def write_result(path: Path, problem, state, final_kappa, interface, config_text, attrs,
+                 fit: dict | None = None) -> None:
+    """result.h5: the final kappa (a kappa file: kappa_um_per_ms, faces, vertices), the masks,
+    each stage's kappa, the history and, with `fit`, the signals at the final kappa:
+
+        fit/<k>/predicted_real, predicted_imag   (n_k,) S/S0 of the final kappa
+        fit/<k>/target_real, target_imag         (n_k,) the targets
+        fit/<k>/b_s_per_mm2 (n_k,), direction (n_k, 3)
+        fit/<k> attribute name; fit attributes sequence_names (JSON), modes, iteration,
+        normalisation
+
+    for every configured sequence k (0-based, configuration order). fit: dict of names, b,
+    directions, target, predicted (lists over the sequences), modes, iteration, normalisation.
+    """
     with atomic_h5(path) as f:
         f["kappa_um_per_ms"] = final_kappa
         f["faces"] = problem.faces.faces
@@ -31,6 +50,25 @@ def write_result(path: Path, problem, state, final_kappa, interface, config_text
         f.attrs["units"] = "kappa: um/ms; vertices: um; CD-L2: um^2; seconds: wall clock"
         for k, v in attrs.items():
             f.attrs[k] = v
+        if fit is not None:
+            _write_fit(f, fit)
+
+
+def _write_fit(f, fit: dict) -> None:
+    g = f.create_group("fit")
+    g.attrs["sequence_names"] = json.dumps(list(fit["names"]))
+    for key in ("modes", "iteration", "normalisation"):
+        g.attrs[key] = fit[key]
+    g.attrs["units"] = "signals: S/S0 (dimensionless); b: s/mm^2; direction: unit vectors"
+    for k, name in enumerate(fit["names"]):
+        s = g.create_group(str(k))
+        s.attrs["name"] = name
+        pred = np.asarray(fit["predicted"][k], dtype=complex)
+        target = np.asarray(fit["target"][k], dtype=complex)
+        s["predicted_real"], s["predicted_imag"] = pred.real, pred.imag
+        s["target_real"], s["target_imag"] = target.real, target.imag
+        s["b_s_per_mm2"] = np.asarray(fit["b"][k], dtype=float)
+        s["direction"] = np.asarray(fit["directions"][k], dtype=float)
 
 
 def write_interface_xdmf(path: Path, problem, kappa, interface) -> None:
