@@ -607,3 +607,18 @@ def test_inside_rule_centroid_builds_the_centroid_membrane():
         rules[rule] = (int(ins.sum()), int(pb.membrane.sum()))
     assert rules["vertices"] == (64, 88)  # the paper's torus file
     assert rules["centroid"][0] > 64
+
+
+def test_paper_preset_is_two_lines_away_from_the_default_example():
+    """Reference: the paper's setup (shared/docs/paper_setup.md): stages 10/60 ms then 10/20 ms,
+    manifold weight 2, Adam. The README says the default example is two lines away from it."""
+    import re
+
+    text = (EXAMPLES / "paper_torus.toml").read_text()
+    text = re.sub(r'^curriculum = .*$', 'curriculum = "staged"', text, flags=re.M)
+    text = re.sub(r'^manifold_weight = .*$', 'manifold_weight = 2.0', text, flags=re.M)
+    cfg = parse_config(text, base_dir=EXAMPLES)
+    names = [[cfg.sequences[i].name for i in s.sequences] for s in stages(cfg)]
+    assert names == [["10/60"], ["10/20"]]
+    assert all(s.manifold_weight == 2.0 and s.continuity_weight == 2.0 for s in stages(cfg))
+    assert cfg.inversion.optimizer == "adam" and cfg.inversion.adam_lr == 0.6

@@ -6,10 +6,17 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.config import EigenConfig, PhysicsConfig
+from spinverse_fem.errors import SolverError
 from spinverse_fem.fem.face_space import create_face_space
 from spinverse_fem.fem.operators import BlochTorreyOperators
 from spinverse_fem.forward.eigenbasis import Eigenbasis, cutoff_eigenvalue, solve_eigenbasis
-from spinverse_fem.forward.reduced_model import ReducedSystem, b0_signal, project, reduced_signals
+from spinverse_fem.forward.reduced_model import (
+    ReducedSystem,
+    b0_signal,
+    project,
+    reduced_signals,
+    shifted,
+)
 from spinverse_fem.geometry.phantom import Phantom
 
 
@@ -47,9 +54,16 @@ class ForwardModel:
 
     @staticmethod
     def normalised_signals(system: ReducedSystem, sequences) -> list[np.ndarray]:
-        """S/S0 per sequence, S0 = the b = 0 signal of the same geometry at the echo time."""
+        """S/S0 per sequence, S0 = the b = 0 signal of the same geometry at the echo time
+        (computed on the shifted system: no underflow). SolverError if any is not finite."""
+        system = shifted(system)
         out = []
         for seq in sequences:
-            s = reduced_signals(system, seq)
-            out.append(s / b0_signal(system, seq.echo_time_ms))
+            s = reduced_signals(system, seq) / b0_signal(system, seq.echo_time_ms)
+            if not np.all(np.isfinite(s)):
+                raise SolverError(f"the signals of sequence {seq.name!r} are not finite "
+                                  f"(S0 = {b0_signal(system, seq.echo_time_ms):.3g} um^3 "
+                                  "relative to exp(-TE lambda_1)); check T2, the echo time "
+                                  "and the permeabilities")
+            out.append(s)
         return out

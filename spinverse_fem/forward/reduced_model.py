@@ -77,6 +77,14 @@ def reduced_signals(system: ReducedSystem, sequence) -> np.ndarray:
     return propagator(system, sequence).signals()
 
 
+def shifted(system: ReducedSystem) -> ReducedSystem:
+    """The system with Lambda - lambda_1 I: every signal (S and S0 alike) is multiplied by
+    exp(TE lambda_1), so S/S0 is unchanged while neither underflows (a short T2 or a long echo
+    time with a sink at the outer faces makes exp(-TE lambda_1) underflow)."""
+    return ReducedSystem(lam=system.lam - system.lam[0], W=system.W, nu0=system.nu0,
+                         volume=system.volume)
+
+
 def b0_signal(system: ReducedSystem, echo_time_ms: float) -> float:
     """S0 = nu0^T exp(-TE Lambda) nu0 (um^3): the b = 0 signal at the echo time."""
     return float(np.sum(system.nu0**2 * np.exp(-echo_time_ms * system.lam)))

@@ -41,11 +41,17 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.config.protocol import Sequence
+from spinverse_fem.errors import SolverError
 from spinverse_fem.fem.sensitivity import FaceSensitivity
 from spinverse_fem.forward.full_order import FullOrderModel
 from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.propagator import exp_divided_differences
-from spinverse_fem.forward.reduced_model import b0_signal, project_with_products, propagator
+from spinverse_fem.forward.reduced_model import (
+    b0_signal,
+    project_with_products,
+    propagator,
+    shifted,
+)
 from spinverse_fem.inverse.complement_solver import ComplementSolver
 
 NORMALISATIONS = ("reference", "own")
@@ -134,6 +140,9 @@ class SignalMisfit:
             value += self.scale * float(np.sum(np.abs(r) ** 2))
             residuals.append(r)
             signals.append(S / s0)
+        if not np.isfinite(value):
+            raise SolverError("the misfit is not finite: the model's signals or S0 under- or "
+                              "overflowed (check T2, the echo times and the permeabilities)")
         state.update(value=value, residuals=residuals, signals=signals)
         self.counters.forward += 1
         self._state, self._cache_key = state, key
@@ -214,20 +223,25 @@ class ReducedMisfit(SignalMisfit):
                                 basis.rel_gap)
         with self.counters.timed("projection"):
             system, products = project_with_products(self.model.ops, basis)
+        # "own": S and S0 on Lambda - lambda_1 I (both scaled by exp(TE lambda_1), the ratio
+        # and its gradient unchanged, nothing underflows); "reference" needs S in um^3
+        own = self.normalisation == "own"
+        prop_system = shifted(system) if own else system
         props, S, s0 = [], [], []
         with self.counters.timed("propagation"):
             for k, seq in enumerate(self.sequences):
-                prop = propagator(system, seq, tol=self.taylor_tol)
+                prop = propagator(prop_system, seq, tol=self.taylor_tol)
                 props.append(prop)
                 S.append(prop.signals())
-                s0.append(b0_signal(system, seq.echo_time_ms) if self.normalisation == "own"
+                s0.append(b0_signal(prop_system, seq.echo_time_ms) if own
                           else self.s0_reference[k])
-        return dict(basis=basis, system=system, products=products, props=props, S=S, s0=s0)
+        return dict(basis=basis, system=system, prop_system=prop_system, products=products,
+                    props=props, S=S, s0=s0)
 
     def reduced_cotangents(self, kappa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Lbar (K,K), Wbar (3,K,K), nu0bar (K,)): dJ with respect to the reduced quantities."""
         st = self._evaluate(kappa)
-        lam, nu0 = st["system"].lam, st["system"].nu0
+        lam, nu0 = st["prop_system"].lam, st["prop_system"].nu0
         K = lam.size
         Lbar, Wbar, nbar = np.zeros((K, K)), np.zeros((3, K, K)), np.zeros(K)
         with self.counters.timed("propagation_vjp"):
