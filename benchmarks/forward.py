@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import driver_refused_under_mpiexec, report_worker
+
 HERE = Path(__file__).resolve().parent
 TARGETS = {4: (1, 1.0), 8: (2, 30.0), 12: (2, 300.0)}
 
@@ -102,14 +104,6 @@ def worker(n: int) -> dict:
                 mean_abs_signal=float(np.mean([np.mean(np.abs(s)) for s in signals])))
 
 
-def launched_by_mpiexec() -> int:
-    """The size of the MPI job this process belongs to, from the launcher's environment."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 12, 16])
@@ -122,17 +116,8 @@ def main() -> int:
     a = p.parse_args()
     if a.worker is not None:
         res = worker(a.worker)
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.rank == 0:
-            print("RESULT " + json.dumps(res), flush=True)
-            if a.out:
-                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.out).write_text(json.dumps(res, indent=2))
-        return 0
-    if launched_by_mpiexec() > 1:
-        print("the driver runs serially and starts `mpiexec -n r` itself (--ranks); to run one "
-              "configuration under mpiexec use --worker N", file=sys.stderr)
+        return report_worker(res, a.out)
+    if driver_refused_under_mpiexec("--worker N"):
         return 2
     out_path = Path(a.out) if a.out else HERE / "results" / "forward.json"
     load0 = os.getloadavg()

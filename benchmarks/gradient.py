@@ -72,6 +72,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import driver_refused_under_mpiexec, report_worker
+
 HERE = Path(__file__).resolve().parent
 RATIO_TARGET = 3.0
 PAPER_SECONDS_TARGET = 2.0
@@ -502,14 +504,6 @@ def worker_paper(repeats: int, keys: list[str], fd_faces: int = FD_FACES) -> dic
 # driver
 # -------------------------------------------------------------------------------------------
 
-def launched_by_mpiexec() -> int:
-    """The size of the MPI job this process belongs to, from the launcher's environment."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
 def run_worker(args: list[str], ranks: int, timeout: int, env) -> tuple[dict | None, str]:
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     cmd = ["timeout", str(timeout), mpiexec, "-n", str(ranks), sys.executable, __file__] + args
@@ -555,17 +549,8 @@ def main() -> int:
             res = worker_scaling(a.n, a.repeats, a.fd, a.cap, a.fd_faces)
         else:
             res = worker_paper(a.repeats, a.paper_variants, a.fd_faces)
-        from mpi4py import MPI
-
-        if MPI.COMM_WORLD.rank == 0:
-            print("RESULT " + json.dumps(res), flush=True)
-            if a.out:
-                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.out).write_text(json.dumps(res, indent=2))
-        return 0
-    if launched_by_mpiexec() > 1:
-        print("the driver runs serially and starts `mpiexec -n r` itself (--ranks); to run one "
-              "configuration under mpiexec use --worker", file=sys.stderr)
+        return report_worker(res, a.out)
+    if driver_refused_under_mpiexec("--worker"):
         return 2
     out_path = Path(a.out) if a.out else HERE / "results" / "gradient.json"
 

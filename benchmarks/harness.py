@@ -1,0 +1,39 @@
+"""What the benchmark scripts share: the driver/worker protocol. A driver (serial) starts
+`mpiexec -n r python <script> --worker ...` per rank count; a worker prints `RESULT {json}` on
+rank 0 (and writes it to --out when given)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def launched_by_mpiexec() -> int:
+    """The size of the MPI job this process belongs to, from the launcher's environment."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def report_worker(res: dict, out: str | None) -> int:
+    """Rank 0 prints the worker's result line and writes it to `out` (JSON); returns 0."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank == 0:
+        print("RESULT " + json.dumps(res), flush=True)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def driver_refused_under_mpiexec(worker_hint: str) -> bool:
+    """True (after saying why) when the serial driver was started under mpiexec."""
+    if launched_by_mpiexec() > 1:
+        print("the driver runs serially and starts `mpiexec -n r` itself (--ranks); to run one "
+              f"configuration under mpiexec use {worker_hint}", file=sys.stderr)
+        return True
+    return False
