@@ -143,14 +143,19 @@ def _solve_eps(L, M, nev, sigma, tol, deflation=None, initial=None):
         eps.setInitialSpace([v])
     eps.setFromOptions()
     eps.solve()
-    nconv = eps.getConverged()
+    lams, vecs = converged_pairs(eps, L)
+    eps.destroy()
+    return lams, vecs
+
+
+def converged_pairs(eps: SLEPc.EPS, L: PETSc.Mat) -> tuple[np.ndarray, list]:
+    """The converged eigenvalues (1/ms) and this rank's rows of their eigenvectors."""
     vr = L.createVecRight()
     lams, vecs = [], []
-    for i in range(nconv):
-        lam = eps.getEigenpair(i, vr)
-        lams.append(float(np.real(lam)))
+    for i in range(eps.getConverged()):
+        lams.append(float(np.real(eps.getEigenpair(i, vr))))
         vecs.append(vr.getArray().copy())
-    eps.destroy()
+    vr.destroy()
     return np.array(lams), vecs
 
 

@@ -25,6 +25,7 @@ from petsc4py import PETSc
 from slepc4py import SLEPc
 
 from spinverse_fem.errors import SolverError
+from spinverse_fem.forward.eigenbasis import converged_pairs
 
 PREFIX = "spinverse_"
 #: eigenvalues per shift of the sub-solves (SLEPc's default is 40); measured at n = 8, 508
@@ -133,19 +134,12 @@ def solve_interval(L: PETSc.Mat, M: PETSc.Mat, a: float, b: float, *, tol: float
     except Exception:
         eps.destroy()
         raise
-    nconv = eps.getConverged()
-    vr = L.createVecRight()
-    lams, vecs = [], []
-    for i in range(nconv):
-        lam = eps.getEigenpair(i, vr)
-        lams.append(float(np.real(lam)))
-        vecs.append(vr.getArray().copy())
+    lams, vecs = converged_pairs(eps, L)
     shifts, inertias = eps.getKrylovSchurInertias()
     info = dict(shifts=[float(s) for s in shifts], inertias=[int(i) for i in inertias],
                 partitions=int(eps.getKrylovSchurPartitions()),
                 iterations=int(eps.getIterationNumber()))
-    vr.destroy()
     eps.destroy()
-    lam = np.array(lams)
+    lam = lams
     order = np.argsort(lam, kind="stable")
     return lam[order], [vecs[i] for i in order], info
