@@ -152,6 +152,8 @@ def worker(n: int, modes: int, variants: list[str]) -> dict:
             run["slicing"] = dict(shifts=len(info["slicing"]["shifts"]),
                                   partitions=info["slicing"]["partitions"],
                                   interval=[round(float(x), 6) for x in info["interval"]])
+        G = gram(basis.phi, M, basis.phi, comm)
+        run["orthonormality"] = float(np.abs(G - np.eye(basis.num_modes)).max())
         if ref is None:
             ref = basis
         else:

@@ -208,7 +208,7 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_iteration(comm, optimiz
     third call (segment start, then one per iteration): every rank stops at the same
     iteration. Adam stops before the step it was about to take (state exact); blmvm, inside
     its segment, returns the segment's start. Reference: an uninterrupted run (serially
-    bit-for-bit; across ranks to 1e-8, parallel MUMPS)."""
+    to 1e-10, across ranks to 1e-6: round-off, parallel MUMPS)."""
     from spinverse_fem.config import parse_config
     from spinverse_fem.inverse.case import Case
     from spinverse_fem.inverse.driver import Inversion
@@ -235,9 +235,10 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_iteration(comm, optimiz
     assert len(state.history["misfit"]) == resumes_at
     again = inversion().run(state)
     assert again.done and again.global_iteration == 8
-    # serially bit for bit; across ranks parallel MUMPS is not bitwise reproducible between
+    # round-off only: serially bit for bit on the development machine but 5e-14 on CI's (its
+    # OpenBLAS kernels differ); across ranks parallel MUMPS is not bitwise reproducible between
     # calls, which eight blmvm iterations amplify to ~3e-8 in x (measured)
-    np.testing.assert_allclose(again.x, ref.x, rtol=0, atol=0 if comm.size == 1 else 1e-6)
+    np.testing.assert_allclose(again.x, ref.x, rtol=0, atol=1e-10 if comm.size == 1 else 1e-6)
 
 
 # -- 2. progress lines and notes -----------------------------------------------------------------

@@ -352,7 +352,13 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
         warnings.warn(f"{cutoff_count} eigenvalues lie below the cutoff; keeping {k} "
                       f"(max_modes = {max_modes})", stacklevel=2)
     t0 = time.perf_counter()
-    allphi = _m_orthonormalise(vecs, M, comm)
+    if method == "block" and not repaired:
+        # Ritz vectors V Y of an M-orthonormal basis (two Gram-Schmidt stages and Cholesky QR
+        # per block) and an orthogonal Y: M-orthonormal to working precision already
+        # (measured 4.6 s of 58 s at n = 12 for the re-orthonormalisation)
+        allphi = vecs
+    else:
+        allphi = _m_orthonormalise(vecs, M, comm)
     seconds["orthonormalise"] = time.perf_counter() - t0
     return Eigenbasis(lam=lam[:k].copy(), phi=allphi[:, :k].copy(), cutoff_count=cutoff_count,
                       capped=capped, extra_lam=lam[k:].copy(), extra_phi=allphi[:, k:].copy(),
