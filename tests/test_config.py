@@ -136,7 +136,7 @@ def test_defaults_follow_the_paper():
             inv.normalisation) == (1.0, 100.0, "reference")
     assert (inv.iterations_per_stage, inv.continuity_weight, inv.manifold_weight) == (200, 2.0, 2.0)
     assert (inv.adam_lr, inv.adam_warmup, inv.adam_final_lr_factor,
-            inv.clip_grad_norm) == (0.6, 50, 0.1, 1.0)
+            inv.clip_grad_norm, inv.adam_eps) == (0.6, 50, 0.1, 1.0, 1e-8)
     assert (inv.optimizer, inv.curriculum, inv.checkpoint_every) == ("blmvm", "staged", 10)
 
 
@@ -364,6 +364,7 @@ ERROR_CASES = {
         "inversion.kappa_max_um_per_ms",
         "> kappa_min",
     ),
+    "zero adam eps": (BASE + "\n[inversion]\nadam_eps = 0.0\n", "inversion.adam_eps", "> 0"),
     "start outside range": (BASE + "\n[inversion]\nstart_um_per_ms = 1000.0\n",
                             "inversion.start_um_per_ms", "<= 100"),
     "stage without custom": (BASE + "\n[[inversion.stage]]\nsequences = [0]\n", "inversion.stage",
@@ -609,15 +610,19 @@ def test_inside_rule_centroid_builds_the_centroid_membrane():
     assert rules["centroid"][0] > 64
 
 
-def test_paper_preset_is_two_lines_away_from_the_default_example():
+def test_paper_preset_is_three_lines_away_from_the_default_example():
     """Reference: the paper's setup (shared/docs/paper_setup.md): stages 10/60 ms then 10/20 ms,
-    manifold weight 2, Adam. The README says the default example is two lines away from it."""
+    manifold weight 2, Adam (eps 1e-8, PyTorch's). The README says the default example is three
+    lines away from it."""
     import re
 
     text = (EXAMPLES / "paper_torus.toml").read_text()
-    text = re.sub(r'^curriculum = .*$', 'curriculum = "staged"', text, flags=re.M)
-    text = re.sub(r'^manifold_weight = .*$', 'manifold_weight = 2.0', text, flags=re.M)
+    text, n1 = re.subn(r'^curriculum = .*$', 'curriculum = "staged"', text, flags=re.M)
+    text, n2 = re.subn(r'^manifold_weight = .*$', 'manifold_weight = 2.0', text, flags=re.M)
+    text, n3 = re.subn(r'^adam_eps = .*$', 'adam_eps = 1e-8', text, flags=re.M)
+    assert (n1, n2, n3) == (1, 1, 1)
     cfg = parse_config(text, base_dir=EXAMPLES)
+    assert cfg.inversion.adam_eps == 1e-8
     names = [[cfg.sequences[i].name for i in s.sequences] for s in stages(cfg)]
     assert names == [["10/60"], ["10/20"]]
     assert all(s.manifold_weight == 2.0 and s.continuity_weight == 2.0 for s in stages(cfg))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -70,6 +71,9 @@ def run(args, timeout=600, mpi=0, umask=None):
     if umask is not None:
         cmd = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+
+
+HYDRA_CRASH = "HYD_pmcd_pmip_control_cmd_cb"
 
 
 def interrupt(args, after: str, sig: int, mpi=0, timeout=600):
@@ -187,6 +191,12 @@ def test_sigint_to_mpiexec_stops_both_ranks_at_one_iteration(tmp_path, sphere):
     out, serial_out = tmp_path / "mpi", tmp_path / "serial"
     args = ["invert", "--config", cfg, "--target", sphere["signals"], "--out", out]
     rc, stdout, stderr = interrupt(args, "it  2/20", signal.SIGINT, mpi=2, timeout=900)
+    if rc == 0 and HYDRA_CRASH in stderr + stdout:
+        # MPICH's hydra proxy sometimes dies on the forwarded Ctrl-C on a loaded machine
+        # (seen once in ~20 runs: `assert (!closed) failed`, mpiexec exits 0 and the ranks'
+        # output is lost): its bug, not ours; one more try, which must pass
+        shutil.rmtree(out, ignore_errors=True)
+        rc, stdout, stderr = interrupt(args, "it  2/20", signal.SIGINT, mpi=2, timeout=900)
     stage, it = assert_clean_stop(rc, stdout, stderr, 130)
     assert stage == 1 and 2 <= it < 10
     with h5py.File(out / "checkpoint.h5") as f:

@@ -489,6 +489,7 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         adam_lr=t.number("adam_lr", d.adam_lr, gt=0),
         adam_warmup=t.integer("adam_warmup", d.adam_warmup, ge=0),
         adam_final_lr_factor=t.number("adam_final_lr_factor", d.adam_final_lr_factor, gt=0, le=1),
+        adam_eps=t.number("adam_eps", d.adam_eps, gt=0),
         clip_grad_norm=t.number("clip_grad_norm", d.clip_grad_norm, gt=0),
         adam_restart_per_stage=t.boolean("adam_restart_per_stage", d.adam_restart_per_stage),
         checkpoint_every=t.integer("checkpoint_every", d.checkpoint_every, ge=0),

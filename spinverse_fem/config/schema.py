@@ -168,6 +168,10 @@ class InversionConfig:
     checkpoint_every: iterations between checkpoints (0 = none).
     adam_restart_per_stage: Adam starts every stage with fresh moment estimates (and its
     warm-up), since each stage fits a different objective; false keeps them across stages.
+    adam_eps: added to Adam's RMS gradient (units of the clipped v-gradient, whose 2-norm is
+    at most clip_grad_norm). The paper's 1e-8 turns faces whose gradient is at round-off level
+    into full-size steps, which amplifies round-off from one run to the next
+    (docs/reproducibility.md); 1e-4 keeps such faces still.
     """
 
     kappa_min_um_per_ms: float = 0.01
@@ -184,6 +188,7 @@ class InversionConfig:
     adam_lr: float = 0.6
     adam_warmup: int = 50
     adam_final_lr_factor: float = 0.1
+    adam_eps: float = 1e-8
     clip_grad_norm: float = 1.0
     adam_restart_per_stage: bool = True
     checkpoint_every: int = 10

@@ -179,7 +179,8 @@ class Inversion:
         segment = _Segment(self.comm, self.params.size, self.params.lower, self.params.upper,
                            tao_type=inv.optimizer,
                            adam=AdamSettings(inv.adam_lr, inv.adam_warmup,
-                                             inv.adam_final_lr_factor, inv.clip_grad_norm))
+                                             inv.adam_final_lr_factor, inv.clip_grad_norm,
+                                             eps=inv.adam_eps))
         adam = segment.resolved_type()[0].lower() == ADAM
         while state.stage < len(self.stages):
             si = state.stage
@@ -270,22 +271,24 @@ class Inversion:
         resumable.done = False
         return resumable
 
-    def _check_cut(self, model, state, si, x=None) -> None:
+    def _check_cut(self, model, state, si, x=None) -> bool:
         """Re-select the stage's mode count when the last evaluation's spectral cut has (nearly)
         closed (`forward.mode_selection`): announced, recorded in the history and in
-        state.modes, and deterministic (gap thresholds far above round-off)."""
+        state.modes, and deterministic (gap thresholds far above round-off). True if the
+        count changed."""
         cut = model.misfit.last_cut
         if cut is None or not cut.rel_gap < RESELECT_GAP:
-            return
+            return False
         x = state.x if x is None else x
         k_new = self.case.num_modes_at(self.kappa(x))
         if k_new == cut.modes:
-            return
+            return False
         self.log(f"  stage {si + 1} it {state.global_iteration}: modes {cut.modes} and "
                  f"{cut.modes + 1} within {cut.rel_gap:.1e} (relative; lambda = "
                  f"{cut.lam_k:.6g} 1/ms): mode count re-selected {cut.modes} -> {k_new}")
         model.set_num_modes(k_new)
         state.modes[si] = k_new
+        return True
 
     def _record(self, state, si, x, model, t_start, label=None):
         kappa = self.kappa(x)
@@ -350,9 +353,6 @@ class Inversion:
                 self._record(state, si, x, model, t_start)
                 state.global_iteration += 1
                 state.stage_iteration += 1
-                # Adam takes the next step on the re-selected model; TAO's line search and
-                # quasi-Newton memory need one objective per segment (checked at its start)
-                self._check_cut(model, state, si, x)
             else:
                 state.global_iteration += 1
                 state.stage_iteration += 1
@@ -362,9 +362,20 @@ class Inversion:
                 if self._stop_requested():
                     segment.stop()
 
+        def cost_and_gradient(x):
+            value = model.cost_and_gradient(x)
+            if adam and self._check_cut(model, state, si, x):
+                # the gradient at a near-closed cut is ill-conditioned (~1 / gap): a step
+                # taken from it amplifies round-off ~100x (measured, docs/reproducibility.md),
+                # so Adam steps from this point with the re-selected model instead. TAO's line
+                # search and quasi-Newton memory need one objective per segment (checked at
+                # its start)
+                value = model.cost_and_gradient(x)
+            return value
+
         before = state.stage_iteration
         x, reason, adam_state = segment.run(
-            state.x, model.cost_and_gradient, n, monitor,
+            state.x, cost_and_gradient, n, monitor,
             before_iteration=before_iteration if adam else None,
             adam_state=state.adam, stage_iteration=state.stage_iteration,
             stage_length=stage.iterations)
