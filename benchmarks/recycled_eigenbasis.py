@@ -203,6 +203,28 @@ def _sinvert_st(eps, sigma):
     pc.setFactorSolverType("mumps")
 
 
+def _precond_solve(eps, P, L, old, tol, max_it):
+    """Solve a preconditioned EPS (ST PRECOND with an exact solve with P) from the old basis;
+    destroys eps and P. Returns (lam, vecs, iterations, converged reason)."""
+    from slepc4py import SLEPc
+
+    _precond_st(eps, P)
+    eps.setTolerances(tol, max_it)
+    eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
+    init = _vecs(old, L)
+    eps.setInitialSpace(init)
+    eps.setFromOptions()
+    eps.solve()
+    its = int(eps.getIterationNumber())
+    reason = int(eps.getConvergedReason())
+    lam, vecs = _eps_pairs(eps, L)
+    eps.destroy()
+    P.destroy()
+    for v in init:
+        v.destroy()
+    return lam, vecs, its, reason
+
+
 def _eps_pairs(eps, L):
     from spinverse_fem.forward.eigenbasis import _columns, converged_pairs
 
@@ -335,22 +357,9 @@ def strat_lobpcg(L, M, K, tol, old, opts, lam_max):
     eps.setLOBPCGBlockSize(bs)
     eps.setDimensions(nev=nev)
     eps.setWhichEigenpairs(SLEPc.EPS.Which.SMALLEST_REAL)
-    _precond_st(eps, P)
-    eps.setTolerances(opts.precond_tol or tol, opts.max_iter)
-    eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
-    init = _vecs(old, L)
-    eps.setInitialSpace(init)
-    eps.setFromOptions()
-    eps.solve()
-    its = eps.getIterationNumber()
-    reason = int(eps.getConvergedReason())
-    lam, vecs = _eps_pairs(eps, L)
-    eps.destroy()
-    P.destroy()
-    for v in init:
-        v.destroy()
-    return lam, vecs, dict(iterations=int(its), block=bs, converged=int(lam.size),
-                           reason=reason)
+    lam, vecs, its, reason = _precond_solve(eps, P, L, old, opts.precond_tol or tol,
+                                            opts.max_iter)
+    return lam, vecs, dict(iterations=its, block=bs, converged=int(lam.size), reason=reason)
 
 
 def strat_gd(L, M, K, tol, old, opts, lam_max):
@@ -372,21 +381,8 @@ def strat_gd(L, M, K, tol, old, opts, lam_max):
     eps.setGDInitialSize(q)
     eps.setGDKrylovStart(False)
     eps.setWhichEigenpairs(SLEPc.EPS.Which.SMALLEST_REAL)
-    _precond_st(eps, P)
-    eps.setTolerances(opts.precond_tol or tol, 100000)
-    eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
-    init = _vecs(old, L)
-    eps.setInitialSpace(init)
-    eps.setFromOptions()
-    eps.solve()
-    its = eps.getIterationNumber()
-    reason = int(eps.getConvergedReason())
-    lam, vecs = _eps_pairs(eps, L)
-    eps.destroy()
-    P.destroy()
-    for v in init:
-        v.destroy()
-    return lam, vecs, dict(iterations=int(its), block=bs, mpd=mpd, converged=int(lam.size),
+    lam, vecs, its, reason = _precond_solve(eps, P, L, old, opts.precond_tol or tol, 100000)
+    return lam, vecs, dict(iterations=its, block=bs, mpd=mpd, converged=int(lam.size),
                            reason=reason)
 
 
