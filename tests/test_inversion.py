@@ -114,7 +114,6 @@ def test_tao_resume_is_exact(comm):
     # serially bit-for-bit; across ranks parallel MUMPS is not bitwise reproducible between
     # calls (~1e-16), which six blmvm iterations amplify to 4e-11 .. 3e-7 (measured; the
     # line search's accept/reject decisions differ between the two calls now and then)
-    # (a wrong resume shows at 1e-2: another step sequence)
     np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-12 if comm.size == 1 else 1e-5)
 
 
