@@ -190,17 +190,9 @@ def _precond_st(eps, P):
 
 
 def _sinvert_st(eps, sigma):
-    from slepc4py import SLEPc
+    from spinverse_fem.forward.eigenbasis import shift_invert_mumps
 
-    eps.setTarget(sigma)
-    eps.setWhichEigenpairs(SLEPc.EPS.Which.TARGET_REAL)
-    st = eps.getST()
-    st.setType(SLEPc.ST.Type.SINVERT)
-    ksp = st.getKSP()
-    ksp.setType("preonly")
-    pc = ksp.getPC()
-    pc.setType("cholesky")
-    pc.setFactorSolverType("mumps")
+    shift_invert_mumps(eps, sigma)
 
 
 def _precond_solve(eps, P, L, old, tol, max_it):

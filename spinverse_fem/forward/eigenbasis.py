@@ -110,6 +110,20 @@ def inertia_count(L: PETSc.Mat, M: PETSc.Mat, tau: float) -> int:
     return int(nneg)
 
 
+def shift_invert_mumps(eps: SLEPc.EPS, sigma: float) -> None:
+    """Eigenvalues nearest sigma (1/ms) through shift-and-invert with an exact MUMPS Cholesky
+    solve of L - sigma M."""
+    eps.setTarget(sigma)
+    eps.setWhichEigenpairs(SLEPc.EPS.Which.TARGET_REAL)
+    st = eps.getST()
+    st.setType(SLEPc.ST.Type.SINVERT)
+    ksp = st.getKSP()
+    ksp.setType("preonly")
+    pc = ksp.getPC()
+    pc.setType("cholesky")
+    pc.setFactorSolverType("mumps")
+
+
 def _solve_eps(L, M, nev, sigma, tol, deflation=None, initial=None):
     comm = L.getComm()
     eps = SLEPc.EPS().create(comm)
@@ -121,15 +135,7 @@ def _solve_eps(L, M, nev, sigma, tol, deflation=None, initial=None):
     mpd = min(max(nev, 32), 256)
     ncv = min(nev + mpd, L.getSize()[0])
     eps.setDimensions(nev=nev, ncv=ncv, mpd=min(mpd, ncv))
-    eps.setTarget(sigma)
-    eps.setWhichEigenpairs(SLEPc.EPS.Which.TARGET_REAL)
-    st = eps.getST()
-    st.setType(SLEPc.ST.Type.SINVERT)
-    ksp = st.getKSP()
-    ksp.setType("preonly")
-    pc = ksp.getPC()
-    pc.setType("cholesky")
-    pc.setFactorSolverType("mumps")
+    shift_invert_mumps(eps, sigma)
     eps.setTolerances(tol, 500)
     eps.setConvergenceTest(SLEPc.EPS.Conv.REL)
     if deflation:
