@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import driver_refused_under_mpiexec, wait_for_quiet
+
 HERE = Path(__file__).resolve().parent
 TARGETS = dict(n=12, modes=500, one_rank_seconds=30.0, two_rank_speedup=1.7)
 EVENTS = ["EPSSolve", "MatCholFctrSym", "MatCholFctrNum", "MatSolve", "MatMatSolve",
@@ -235,13 +237,6 @@ def warm_worker(n: int, modes: int, methods: list[str], steps: int, step: float)
     return dict(n=n, ranks=comm.size, modes_cap=modes, steps=steps, step=step, rows=rows)
 
 
-def launched_by_mpiexec() -> int:
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
 def print_table(res: dict) -> None:
     print(f"n = {res['n']} ({res['tets']} tets, {res['dofs']} dofs), {res['ranks']} rank(s), "
           f"cap {res['modes_cap']} modes")
@@ -302,20 +297,15 @@ def main() -> int:
         if MPI.COMM_WORLD.rank == 0:
             print("RESULT " + json.dumps(res), flush=True)
         return 0
-    if launched_by_mpiexec() > 1:
-        print("the driver runs serially and starts `mpiexec -n P` itself (--ranks); under "
-              "mpiexec use --worker", file=sys.stderr)
+    if driver_refused_under_mpiexec("--worker"):
         return 2
     out_path = Path(a.out) if a.out else HERE / "results" / "eigensolve.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     results = []
     for r in a.ranks:
-        deadline = time.time() + a.wait
-        while os.getloadavg()[0] >= a.max_load and time.time() < deadline and not a.force:
-            time.sleep(15)
-        load = os.getloadavg()
-        if load[0] >= a.max_load and not a.force:
+        ok, load = wait_for_quiet(a.max_load, a.wait, a.force)
+        if not ok:
             print(f"{r} rank(s): not timed, 1-minute load {load[0]:.2f} >= {a.max_load}")
             results.append(dict(ranks=r, unmeasured=True, loadavg=list(load),
                                 reason=f"1-minute load {load[0]:.2f} >= {a.max_load}"))

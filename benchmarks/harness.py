@@ -37,3 +37,16 @@ def driver_refused_under_mpiexec(worker_hint: str) -> bool:
               f"configuration under mpiexec use {worker_hint}", file=sys.stderr)
         return True
     return False
+
+
+def wait_for_quiet(max_load: float, wait_s: int, force: bool) -> tuple[bool, tuple]:
+    """Wait up to wait_s seconds for the 1-minute load to fall below max_load; returns
+    (time it?, load average). force: time whatever the load."""
+    import time
+
+    deadline = time.time() + wait_s
+    while os.getloadavg()[0] >= max_load and time.time() < deadline and not force:
+        time.sleep(15)
+    load = os.getloadavg()
+    return force or load[0] < max_load, load
+
