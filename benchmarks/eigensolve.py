@@ -17,6 +17,9 @@ Methods (`solve_eigenbasis(method=...)`, also -spinverse_eigen_method), each a "
   spinverse_bks_ncv).
 - slicing: SLEPc spectrum slicing on [sigma, b) (forward/spectrum_slicing.py), b from inertia
   counts, one partition per rank (spinverse_eps_krylovschur_partitions, _nev).
+- block_slicing: [sigma, b) cut into slices of ~128 pairs by inertia counts, each solved by
+  the block method at its midpoint, whole slices divided over the ranks
+  (forward/block_slicing.py; spinverse_bks_slices).
 Every method ends with the same Sylvester inertia check; the run checks each variant against
 the first one (eigenvalues, largest M-principal angle of the kept subspace).
 
@@ -60,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 TARGETS = dict(n=12, modes=500, one_rank_seconds=30.0, two_rank_speedup=1.7)
 EVENTS = ["EPSSolve", "MatCholFctrSym", "MatCholFctrNum", "MatSolve", "MatMatSolve",
           "BVOrthogonalizeV", "BVDotVec", "BVMultVec", "BVMultInPlace", "DSSolve", "MatMult"]
-DEFAULT_VARIANTS = ["krylovschur", "block", "slicing"]
+DEFAULT_VARIANTS = ["krylovschur", "block", "slicing", "block_slicing"]
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -150,6 +153,11 @@ def worker(n: int, modes: int, variants: list[str]) -> dict:
                 run[key] = info[key]
         if "phases" in info:
             run["block_phases"] = {k: round(float(v), 3) for k, v in info["phases"].items()}
+        if "block_slicing" in info:
+            bs = info["block_slicing"]
+            run["block_slicing"] = dict(slices=bs["slices"],
+                                        counts=[x["count"] for x in bs["per_slice"]],
+                                        phases={k: round(v, 3) for k, v in bs["phases"].items()})
         if "slicing" in info:
             run["slicing"] = dict(shifts=len(info["slicing"]["shifts"]),
                                   partitions=info["slicing"]["partitions"],

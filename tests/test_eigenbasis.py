@@ -65,7 +65,7 @@ def test_sealed_cells_give_complete_zero_cluster(comm, monkeypatch):
 
 # -- the eigen-solver methods: block Krylov-Schur and spectrum slicing against Krylov-Schur ---
 
-NEW_METHODS = ("block", "slicing")
+NEW_METHODS = ("block", "slicing", "block_slicing")
 
 
 def torus_operators(comm):
@@ -161,6 +161,35 @@ def test_new_methods_complete_the_zero_cluster(comm, method):
     assert np.all(basis.lam[T:] > 1e-3)
 
 
+def test_block_slicing_with_many_slices_agrees_with_krylovschur(comm):
+    """Reference: Krylov-Schur, as above, on the torus grid at its ground truth (double and
+    triple eigenvalues, so slice boundaries fall between close pairs) with 5 slices forced
+    (-spinverse_bks_slices; the spectrum's gap above the membrane-bound modes makes the
+    boundaries move by inertia counts): every slice yields exactly its inertia count, and the
+    union is the same basis."""
+    from petsc4py import PETSc
+
+    model = torus_operators(comm)
+    L, M = model.ops.L, model.ops.M
+    opts = PETSc.Options("spinverse_bks_")
+    opts["slices"] = 5
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ref = solve_eigenbasis(L, M, method="krylovschur", lam_max=model.lam_max,
+                                   max_modes=200)
+            basis = solve_eigenbasis(L, M, method="block_slicing", lam_max=model.lam_max,
+                                     max_modes=200)
+    finally:
+        opts.delValue("slices")
+    info = basis.info["block_slicing"]
+    assert basis.info["method"] == "block_slicing" and info["slices"] >= 4
+    counts = [x["count"] for x in info["per_slice"]]
+    assert all(x["found"] == x["count"] > 0 for x in info["per_slice"])
+    assert max(counts) <= 1.5 * sum(counts) / 5 + 1, counts
+    assert_same_basis(ref, basis, L, M, comm)
+
+
 def test_method_from_petsc_option(comm):
     """-spinverse_eigen_method selects the method when the argument is not given; an unknown
     name is refused with the known ones."""
@@ -173,7 +202,7 @@ def test_method_from_petsc_option(comm):
         opts["eigen_method"] = "block"
         assert solve_eigenbasis(ops.L, ops.M, num_modes=10).info["method"] == "block"
         opts["eigen_method"] = "nosuch"
-        with pytest.raises(ValueError, match="krylovschur, block, slicing"):
+        with pytest.raises(ValueError, match="krylovschur, block, slicing, block_slicing"):
             solve_eigenbasis(ops.L, ops.M, num_modes=10)
     finally:
         opts.delValue("eigen_method")

@@ -11,11 +11,13 @@ L - tau M equals the number of eigenvalues below tau (Sylvester's law of inertia
 is repaired by deflating the vectors already found and solving again; a deficit that survives
 is an error, never silent.
 
-Three solvers compute the eigenpairs (`solve_eigenbasis(method=...)` or the option
+Four solvers compute the eigenpairs (`solve_eigenbasis(method=...)` or the option
 -spinverse_eigen_method; benchmarks/eigensolve.py measures them): "krylovschur" (SLEPc, one
 vector at a time; the default), "block" (block Krylov-Schur with multi-right-hand-side MUMPS
-solves and dense block Gram-Schmidt, `block_krylov`) and "slicing" (SLEPc spectrum slicing over
-an interval whose end comes from inertia counts, `spectrum_slicing`). All of them end with the
+solves and dense block Gram-Schmidt, `block_krylov`), "slicing" (SLEPc spectrum slicing over
+an interval whose end comes from inertia counts, `spectrum_slicing`) and "block_slicing" (that
+interval cut into slices by inertia counts, each solved by the block method, whole slices
+divided over the ranks, `block_slicing`). All of them end with the
 same inertia check. When a counted point x lies above the kept eigenvalues (the cutoff when it
 is not capped, the slicing interval end), found-below-x == count(x) is that check and no
 further factorisation is needed.
@@ -165,7 +167,7 @@ def converged_pairs(eps: SLEPc.EPS, L: PETSc.Mat) -> tuple[np.ndarray, list]:
     return np.array(lams), vecs
 
 
-METHODS = ("krylovschur", "block", "slicing")
+METHODS = ("krylovschur", "block", "slicing", "block_slicing")
 #: the eigen-solver used when neither the `method` argument nor -spinverse_eigen_method is given
 DEFAULT_METHOD = "krylovschur"
 METHOD_OPTION = "eigen_method"   # -spinverse_eigen_method
@@ -184,13 +186,14 @@ def eigen_method(method: str | None = None) -> str:
     return method
 
 
-def _block_options() -> dict:
-    """-spinverse_bks_block p and -spinverse_bks_ncv n for the block method."""
+def _block_options(keys=("block", "ncv")) -> dict:
+    """-spinverse_bks_block p and -spinverse_bks_ncv n for the block method,
+    -spinverse_bks_slices s for block slicing."""
     from spinverse_fem.forward.block_krylov import SI_PREFIX
 
     opts = PETSc.Options(SI_PREFIX)
     out = {}
-    for key in ("block", "ncv"):
+    for key in keys:
         if opts.hasName(key):
             out[key] = opts.getInt(key)
     return out
@@ -259,6 +262,30 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
         res = block_krylov_schur(op, nev, tol=tol, initial=initial_space, **bopts)
         lam, vecs = res.lam, res.vecs
         info.update(solves=res.solves, restarts=res.restarts, phases=res.seconds)
+    elif method == "block_slicing":
+        from spinverse_fem.forward.block_krylov import ShiftInvert, block_krylov_schur
+        from spinverse_fem.forward.block_slicing import solve_slices
+        from spinverse_fem.forward.spectrum_slicing import interval_end
+
+        guess = lam_max if lam_max else _spectrum_scale(L, M, comm) * (nev / n_global) ** (2 / 3)
+        known = (lam_max, cutoff_count) if cutoff_count >= 0 else None
+        t1 = time.perf_counter()
+        b, c = interval_end(count, nev, guess, known=known)
+        seconds["interval_end"] = time.perf_counter() - t1
+        bopts = _block_options(("block", "slices"))
+        try:
+            lam, vecs, sinfo = solve_slices(L, M, count, sigma, b, c, tol=tol,
+                                            slices=bopts.get("slices"),
+                                            block=bopts.get("block", 16))
+            info.update(block_slicing=sinfo, interval=(sigma, b))
+            verified = (b, c)
+        except SolverError as exc:
+            info["fallback"] = f"block slicing failed ({exc}); block"
+            op = ShiftInvert(L, M, sigma, definite=True)
+            res = block_krylov_schur(op, nev, tol=tol, initial=initial_space,
+                                     **_block_options())
+            lam, vecs = res.lam, res.vecs
+            method = "block"
     else:
         from spinverse_fem.forward.spectrum_slicing import (
             DEFAULT_NEV_PER_SHIFT,
@@ -350,7 +377,7 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
                           f"{true} eigenvalues below {tau:.6g}, found {found}")
     if op is not None:
         op.destroy()
-    if method == "slicing":
+    if method in ("slicing", "block_slicing"):
         lam, vecs = lam[:nev], vecs[:, :nev]   # the interval may hold more than asked for
     info["repaired"] = repaired
     k = k_want if num_modes is not None else select_mode_count(lam, k_want)
