@@ -150,7 +150,8 @@ def plot(report: dict, path: Path) -> None:
         return
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"n={r['n']}\nP={r['ranks']}" for r in runs]
+    labels = [f"n={r['n']}\nP={r['ranks']}" + ("\nweak" if r.get("kind") == "weak" else "")
+              for r in runs]
     bottom = [0.0] * len(runs)
     for ph in PHASES:
         vals = [r["phases"].get(ph, 0.0) for r in runs]
