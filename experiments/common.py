@@ -272,7 +272,8 @@ def _misfit_value(signals, targets, weight: float) -> float:
 
 
 def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> dict:
-    """Simulate the targets of the configured ground truth and invert them (all ranks).
+    """Simulate the targets of the configured ground truth (on the grid refined by [target]
+    grid_refinement when set) and invert them (all ranks).
 
     Returns (identical on every rank) a JSON-able dict: label, settings, config, final metrics
     of the interface at the final kappa (cd_l2, bad_edge_pct, open_pct, branch_pct, iou,
@@ -295,7 +296,9 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     t0 = time.perf_counter()
     cfg = parse_config(cfg_text, source=f"<{label}>")
     ref_cfg = replace(cfg, eigen=replace(cfg.eigen, max_modes=settings.reference_max_modes))
-    targets, s0, _ = simulate_targets(comm, ref_cfg)
+    # a [target] grid_refinement simulates the targets on a finer grid (no inverse crime)
+    refine = cfg.target.grid_refinement if cfg.target and cfg.target.grid_refinement else 1
+    targets, s0, _ = simulate_targets(comm, ref_cfg, refine)
     case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))
     problem = case.phantom
     threshold = cfg.inversion.threshold_um_per_ms

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Inversions on grids finer than the paper's (issue 14, item 4): does the default method
+recover the same shapes on n = 4, 6, 7, 8, and what does it cost?
+
+Every run is the default example (examples/paper_torus.toml: three PGSE sequences, curriculum
+long_to_short, Adam, manifold weight 4, the mode rule with its cap) with two changes: the bcc
+grid of the same 26.7 um box has n cubes per side (a = 80/3/n um: 576, 1 944, 3 087, 4 608
+... tetrahedra for n = 4, 6, 7, 8), and the targets are simulated on that grid refined
+--refine times (default 2: a grid 8x finer, the analytic shape resolved anew; no inverse
+crime) with --reference-max-modes modes. Shapes: the paper's torus (R 10, r 6 um), the
+paper's sphere (r 10 um), and one bent axon (radius 5 um, 6 segments, seed 0; centroid rule).
+
+    python -m experiments.refined_grids --sizes 4 6 [--shapes torus] [--max-modes 120]
+    mpiexec -n 2 python -m experiments.refined_grids --sizes 8 --shapes torus
+
+Resume-friendly: OUT/refined_grids/<shape>_n<n>.json per finished run (reused when its
+configuration and settings are unchanged); OUT/refined_grids.md (table: CD-L2, BadEdge, IoU,
+wall time, iterations, seconds per iteration, modes, ranks) and OUT/refined_grids.png
+(metrics and time against n) are rewritten after every run from all saved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: experiments.* is importable only when run as a module
+    raise SystemExit("run it as a module from the repository root: "
+                     f"python -m experiments.{Path(__file__).stem}")
+
+from experiments.common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    Settings,
+    atomic_write_text,
+    cached_run,
+    fmt,
+    fmt_seconds,
+    iteration_logger,
+    markdown_table,
+    mpi_comm,
+    pyplot,
+    save_figure,
+    say,
+)
+
+BOX_UM = 80.0 / 3.0
+SHAPES = {
+    "torus": ('[geometry]\nkind = "torus"\ncenter_um = [0.0, 0.0, 0.0]\naxis = [0.0, 0.0, 1.0]\n'
+              "major_radius_um = 10.0\nminor_radius_um = 6.0\n"),
+    "sphere": '[geometry]\nkind = "sphere"\ncenter_um = [0.0, 0.0, 0.0]\nradius_um = 10.0\n',
+    "bent_axon": ('[geometry]\nkind = "bent_axon"\nradius_um = 5.0\nsegments = 6\nseed = 0\n'
+                  'inside_rule = "centroid"\n'),
+}
+
+
+def config_text(shape: str, n: int, settings: Settings, refine: int) -> str:
+    """examples/paper_torus.toml with the grid, the geometry, the mode cap and the targets
+    replaced (TOML text)."""
+    text = (ROOT / "examples" / "paper_torus.toml").read_text()
+    text = re.sub(r"(?m)^cubes = .*$", f"cubes = {n}", text, count=1)
+    text = re.sub(r"(?m)^cube_um = .*$", f"cube_um = {BOX_UM / n!r}", text, count=1)
+    text = re.sub(r"(?ms)^\[geometry\]\n.*?(?=^\[)", SHAPES[shape] + "\n", text, count=1)
+    text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.max_modes}", text, count=1)
+    text = re.sub(r"(?m)^fibonacci = .*$", f"fibonacci = {settings.directions}", text)
+    text = text.replace("[inversion]\n", f"[inversion]\niterations_per_stage = "
+                                         f"{settings.iterations}\n", 1)
+    return (f"# experiments/refined_grids.py: {shape} on the n = {n} grid\n" + text +
+            f"\n[target]\ngrid_refinement = {refine}\n")
+
+
+def table(runs: list[dict]) -> str:
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
+        m = r["metrics"]
+        its = r["iterations"]
+        rows.append([r["shape"], r["n"], r["tets"], r["ranks"], fmt(m.get("cd_l2")),
+                     fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), its,
+                     fmt_seconds(r["seconds"]), fmt(r["seconds"] / max(its, 1)),
+                     " ".join(str(k) for k in r["modes"])])
+    return markdown_table(["shape", "n", "tets", "ranks", "CD-L2 (um^2)", "BadEdge %", "IoU",
+                           "iterations", "wall", "s / iteration", "modes per stage"], rows)
+
+
+def _saved(path: Path) -> dict:
+    """A saved run with its shape, n and number of tetrahedra (from its configuration)."""
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.geometry.phantom import build_grid
+
+    r = json.loads(path.read_text())
+    shape, n = re.fullmatch(r"(.+)_n(\d+)", path.stem).groups()
+    cfg = parse_config(r["config"], source=path.name)
+    return dict(r, shape=shape, n=int(n), tets=int(build_grid(cfg.grid, path.name).num_tets))
+
+
+def report(out: Path) -> None:
+    runs = [_saved(p) for p in sorted((out / "refined_grids").glob("*_n*.json"))]
+    if not runs:
+        return
+    text = ("# Inversions on refined grids\n\n`python -m experiments.refined_grids` (see its "
+            "docstring): the default method on n = 4 .. 8, targets simulated on a grid refined "
+            "twice as fine. Wall time of the inversion alone (targets excluded), on the ranks "
+            "given, on the shared 2-core machine.\n\n" + table(runs) + "\n")
+    atomic_write_text(out / "refined_grids.md", text)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for shape in sorted({r["shape"] for r in runs}):
+        rs = sorted((r for r in runs if r["shape"] == shape), key=lambda r: r["n"])
+        ns = [r["n"] for r in rs]
+        axes[0].plot(ns, [r["metrics"]["cd_l2"] for r in rs], "o-", label=shape)
+        axes[1].plot(ns, [r["metrics"]["bad_edge_pct"] for r in rs], "o-", label=shape)
+        axes[2].plot(ns, [r["seconds"] / max(r["iterations"], 1) for r in rs], "o-",
+                     label=shape)
+    for ax, name in zip(axes, ("CD-L2 (um^2)", "BadEdge (%)", "seconds per iteration"),
+                        strict=True):
+        ax.set_xlabel("cubes per side n")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    save_figure(fig, out / "refined_grids.png")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[4, 6, 7, 8])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--iterations", type=int, default=200, help="per stage (three stages)")
+    p.add_argument("--max-modes", type=int, default=120)
+    p.add_argument("--reference-max-modes", type=int, default=500)
+    p.add_argument("--directions", type=int, default=30)
+    p.add_argument("--refine", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    comm = mpi_comm()
+    settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
+                        reference_max_modes=a.reference_max_modes, directions=a.directions)
+    folder = a.out / "refined_grids"
+    for shape in a.shapes:
+        for n in a.sizes:
+            label = f"{shape}_n{n}"
+            say(comm, f"== {label}")
+            res = cached_run(comm, folder / f"{label}.json", config_text(shape, n, settings,
+                                                                         a.refine),
+                             settings, label, log=iteration_logger(comm, a.log_every))
+            if comm.rank == 0:
+                report(a.out)
+                m = res["metrics"]
+                print(f"{label}: CD-L2 {m['cd_l2']:.3f} um^2, BadEdge {m['bad_edge_pct']:.1f} %,"
+                      f" {res['iterations']} iterations in {fmt_seconds(res['seconds'])}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
