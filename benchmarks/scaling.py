@@ -142,13 +142,16 @@ def worker(n: int, modes: int, method: str, seed: int) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    sys.path.insert(0, str(HERE.parent))
-    from experiments.common import pyplot, save_figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spinverse_fem.io.atomic import save_figure_atomic
 
     runs = [r for r in report["results"] if "phases" in r]
     if not runs:
         return
-    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"n={r['n']}\nP={r['ranks']}" + ("\nweak" if r.get("kind") == "weak" else "")
               for r in runs]
@@ -174,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
     bx.set_title("strong scaling")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def main() -> int:
