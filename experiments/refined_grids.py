@@ -72,6 +72,30 @@ def config_text(shape: str, n: int, settings: Settings, refine: int) -> str:
             f"\n[target]\ngrid_refinement = {refine}\n")
 
 
+def misfit_floor(comm, shape: str, n: int, settings: Settings, refine: int) -> dict:
+    """The misfit of every sequence at the ground truth and at the start (the same grid), with
+    targets simulated on the same grid (an inverse crime: ~0 at the truth) and on the refined
+    one: how far the grid's own truth is from explaining the refined signals."""
+    import dataclasses
+
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.forward.synthetic import simulate_targets
+    from spinverse_fem.inverse.case import Case, Targets
+
+    cfg = parse_config(config_text(shape, n, settings, refine), source=f"{shape}_n{n}")
+    ref = dataclasses.replace(cfg, eigen=dataclasses.replace(
+        cfg.eigen, max_modes=settings.reference_max_modes))
+    out = {}
+    for r in (1, refine):
+        signals, s0, _ = simulate_targets(comm, ref, r)
+        case = Case(comm, cfg, targets=Targets(signals, s0, f"refinement {r}"))
+        for i, seq in enumerate(cfg.sequences):
+            mis = case.misfit([i])
+            out[f"refine{r}/{seq.name}"] = dict(truth=float(mis.cost(case.phantom.kappa)),
+                                                start=float(mis.cost(case.start_kappa())))
+    return out
+
+
 def table(runs: list[dict]) -> str:
     rows = []
     for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
@@ -80,9 +104,12 @@ def table(runs: list[dict]) -> str:
         rows.append([r["shape"], r["n"], r["tets"], r["ranks"], fmt(m.get("cd_l2")),
                      fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), its,
                      fmt_seconds(r["seconds"]), fmt(r["seconds"] / max(its, 1)),
-                     " ".join(str(k) for k in r["modes"])])
+                     " ".join(str(k) for k in r["modes"]),
+                     " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
+                                if not k.startswith("refine1/")) or "-"])
     return markdown_table(["shape", "n", "tets", "ranks", "CD-L2 (um^2)", "BadEdge %", "IoU",
-                           "iterations", "wall", "s / iteration", "modes per stage"], rows)
+                           "iterations", "wall", "s / iteration", "modes per stage",
+                           "misfit at the truth (5/6 / 10/20 / 10/60)"], rows)
 
 
 def _saved(path: Path) -> dict:
@@ -93,11 +120,15 @@ def _saved(path: Path) -> dict:
     r = json.loads(path.read_text())
     shape, n = re.fullmatch(r"(.+)_n(\d+)", path.stem).groups()
     cfg = parse_config(r["config"], source=path.name)
-    return dict(r, shape=shape, n=int(n), tets=int(build_grid(cfg.grid, path.name).num_tets))
+    floor = path.with_name(path.stem + ".floor.json")
+    extra = dict(floor=json.loads(floor.read_text())) if floor.exists() else {}
+    return dict(r, shape=shape, n=int(n), tets=int(build_grid(cfg.grid, path.name).num_tets),
+                **extra)
 
 
 def report(out: Path) -> None:
-    runs = [_saved(p) for p in sorted((out / "refined_grids").glob("*_n*.json"))]
+    runs = [_saved(p) for p in sorted((out / "refined_grids").glob("*_n*.json"))
+            if not p.name.endswith(".floor.json")]
     if not runs:
         return
     text = ("# Inversions on refined grids\n\n`python -m experiments.refined_grids` (see its "
@@ -136,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--floor", action="store_true",
+                   help="also the misfit at the ground truth with same-grid and refined targets")
     a = p.parse_args(argv)
     comm = mpi_comm()
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
@@ -148,6 +181,11 @@ def main(argv=None) -> int:
             res = cached_run(comm, folder / f"{label}.json", config_text(shape, n, settings,
                                                                          a.refine),
                              settings, label, log=iteration_logger(comm, a.log_every))
+            floor_path = folder / f"{label}.floor.json"
+            if a.floor and not floor_path.exists():
+                floor = misfit_floor(comm, shape, n, settings, a.refine)
+                if comm.rank == 0:
+                    atomic_write_text(floor_path, json.dumps(floor, indent=1) + "\n")
             if comm.rank == 0:
                 report(a.out)
                 m = res["metrics"]

@@ -119,8 +119,12 @@ def test_torus_variants_tiny(comm, out):
 
 def test_refined_grids_tiny(comm, out):
     """The sphere on the paper's n = 4 grid with targets simulated on the n = 8 grid: tabulated
-    with the paper's tetrahedron count (576); a second call reuses the saved run."""
-    args = [*TINY, "--sizes", "4", "--shapes", "sphere", "--out", str(out)]
+    with the paper's tetrahedron count (576); a second call reuses the saved run. The misfit
+    floor: with same-grid targets the truth fits exactly (the inverse crime, J ~ 0); with the
+    refined targets it does not."""
+    # the same cap for targets and model (else the truncation alone leaves a misfit)
+    args = [*TINY, "--max-modes", "80", "--reference-max-modes", "80", "--sizes", "4",
+            "--shapes", "sphere", "--floor", "--out", str(out)]
     assert refined_grids.main(args) == 0
     assert refined_grids.main(args) == 0
     if comm.rank == 0:
@@ -130,6 +134,12 @@ def test_refined_grids_tiny(comm, out):
         assert "grid_refinement = 2" in r["config"] and r["iterations"] == 3
         assert np.isfinite(r["metrics"]["cd_l2"])
         assert (out / "refined_grids.png").stat().st_size > 10_000
+        floor = json.loads((out / "refined_grids" / "sphere_n4.floor.json").read_text())
+        same = [v for k, v in floor.items() if k.startswith("refine1/")]
+        refined = [v for k, v in floor.items() if k.startswith("refine2/")]
+        assert len(same) == len(refined) == 3
+        assert all(v["truth"] < 1e-20 < v["start"] for v in same)
+        assert all(v["truth"] > 1e-6 for v in refined)
 
 
 def test_saved_configurations_are_portable(comm, tmp_path):
