@@ -29,6 +29,7 @@ from spinverse_fem.config.protocol import (
     read_text_file,
 )
 from spinverse_fem.config.schema import (
+    BASES,
     MAX_EIGENBASIS_BYTES,
     MAX_KAPPA_UM_PER_MS,
     MAX_MEASUREMENTS_PER_SEQUENCE,
@@ -493,6 +494,8 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         clip_grad_norm=t.number("clip_grad_norm", d.clip_grad_norm, gt=0),
         adam_restart_per_stage=t.boolean("adam_restart_per_stage", d.adam_restart_per_stage),
         checkpoint_every=t.integer("checkpoint_every", d.checkpoint_every, ge=0),
+        basis=t.string("basis", d.basis, choices=list(BASES)),
+        basis_refresh_every=t.integer("basis_refresh_every", d.basis_refresh_every, ge=1),
         custom_stages=stages,
     )
 

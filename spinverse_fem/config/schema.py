@@ -157,6 +157,9 @@ class Stage:
     manifold_weight: float
 
 
+BASES = ("eigen", "frozen")
+
+
 @dataclass(frozen=True)
 class InversionConfig:
     """[inversion]; defaults follow the paper (kappa in um/ms).
@@ -172,6 +175,10 @@ class InversionConfig:
     at most clip_grad_norm). The paper's 1e-8 turns faces whose gradient is at round-off level
     into full-size steps, which amplifies round-off from one run to the next
     (docs/reproducibility.md); 1e-4 keeps such faces still.
+    basis: "eigen" (the eigenbasis of every iterate; its adjoint needs one complement solve
+    per mode) or "frozen" (the eigenbasis of the iterate at a refresh, held fixed for
+    `basis_refresh_every` iterations: a Galerkin model with an exact, solve-free gradient;
+    `inverse.frozen_basis`, docs/frozen_basis.md).
     """
 
     kappa_min_um_per_ms: float = 0.01
@@ -192,6 +199,8 @@ class InversionConfig:
     clip_grad_norm: float = 1.0
     adam_restart_per_stage: bool = True
     checkpoint_every: int = 10
+    basis: str = "eigen"
+    basis_refresh_every: int = 10
     custom_stages: tuple[Stage, ...] = ()
 
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from spinverse_fem.config import Config
+from spinverse_fem.config.schema import BASES
 from spinverse_fem.errors import InputError
 from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.synthetic import simulate_targets
 from spinverse_fem.geometry.phantom import build_phantom
 from spinverse_fem.inverse.curriculum import stages
+from spinverse_fem.inverse.frozen_basis import FrozenBasisMisfit
 from spinverse_fem.inverse.misfit import FullOrderMisfit, ReducedMisfit, SignalMisfit
 from spinverse_fem.inverse.model import Model, PriorWeights
 from spinverse_fem.inverse.parameters import ParameterMap
@@ -109,9 +111,12 @@ class Case:
 
     # -- the functional ----------------------------------------------------------------------
     def misfit(self, sequences=None, *, model: str = "reduced", num_modes: int | None = None,
-               adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53) -> SignalMisfit:
+               adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53,
+               basis: str = "eigen") -> SignalMisfit:
         """The configured misfit (weight, normalisation) over the given sequence indices
-        (default: all), with the reduced or the full-order forward model."""
+        (default: all), with the reduced or the full-order forward model; the reduced one on
+        the eigenbasis of every kappa (basis "eigen") or on a frozen basis ("frozen",
+        `inverse.frozen_basis`)."""
         idx = list(range(len(self.cfg.sequences))) if sequences is None else list(sequences)
         inv = self.cfg.inversion
         tg = self.targets
@@ -127,8 +132,11 @@ class Case:
             return FullOrderMisfit(full, seqs, signals, **common)
         if model != "reduced":
             raise ValueError(f"model must be one of {MISFIT_MODELS}, got {model!r}")
-        return ReducedMisfit(self.forward, seqs, signals, num_modes=num_modes,
-                             adjoint_rtol=adjoint_rtol, taylor_tol=taylor_tol, **common)
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        cls = FrozenBasisMisfit if basis == "frozen" else ReducedMisfit
+        return cls(self.forward, seqs, signals, num_modes=num_modes,
+                   adjoint_rtol=adjoint_rtol, taylor_tol=taylor_tol, **common)
 
     def model(self, misfit: SignalMisfit, weights: PriorWeights,
               reference_x: np.ndarray) -> Model:
@@ -140,7 +148,8 @@ class Case:
         """The model a curriculum stage optimises: its sequences, a fixed mode count, its
         continuity weight; the manifold weight starts at 0 (the driver ramps it)."""
         st = self.stages[stage_index]
-        misfit = self.misfit(st.sequences, num_modes=num_modes, **misfit_options)
+        misfit = self.misfit(st.sequences, num_modes=num_modes,
+                             basis=self.cfg.inversion.basis, **misfit_options)
         return self.model(misfit, PriorWeights(st.continuity_weight, 0.0), reference_x)
 
     def destroy(self) -> None:

@@ -30,6 +30,9 @@ def write_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
             f[f"stage_kappa/{i}"] = k
         for k, v in state.history.items():
             f[f"history/{k}"] = np.asarray(v, dtype=float)
+        if state.basis_x is not None:
+            f["basis_x"] = state.basis_x
+            f.attrs["basis_iteration"] = state.basis_iteration
         if state.adam is not None:
             for k in ("v", "m", "s"):
                 f[f"adam/{k}"] = getattr(state.adam, k)
@@ -79,6 +82,10 @@ def read_checkpoint(path: Path, fingerprint: str | None, num_parameters: int | N
                     f[f"stage_kappa/{k}"], 1)) for k in keys]
             st.history = {k: need(f"history/{k}", lambda k=k: list(_floats(f[f"history/{k}"], 1)))
                           for k in HISTORY_KEYS}
+            if "basis_x" in f:
+                st.basis_x = need("basis_x", lambda: _floats(f["basis_x"], 1))
+                st.basis_iteration = need("basis_iteration",
+                                          lambda: _int_attr(f, "basis_iteration"))
             if "adam" in f:
                 st.adam = AdamState(v=need("adam/v", lambda: _floats(f["adam/v"], 1)),
                                     m=need("adam/m", lambda: _floats(f["adam/m"], 1)),
@@ -133,6 +140,8 @@ def _check_consistent(st: RunState, src: str, num_parameters, num_stages) -> Non
     lengths = {len(v) for v in st.history.values()}
     if len(lengths) > 1:
         raise bad("history", f"the history series have different lengths {sorted(lengths)}")
+    if st.basis_x is not None and st.basis_x.shape != st.x.shape:
+        raise bad("basis_x", f"has {st.basis_x.size} values, the run has {st.x.size} parameters")
     if st.adam is not None:
         for name in ("v", "m", "s"):
             if getattr(st.adam, name).shape != st.x.shape:

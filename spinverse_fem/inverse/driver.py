@@ -56,6 +56,8 @@ class RunState:
     stage_kappa: list = field(default_factory=list)    # kappa at the end of each finished stage
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
     adam: AdamState | None = None
+    basis_x: np.ndarray | None = None    # basis "frozen": where the current stage's basis was
+    basis_iteration: int = -1            # computed, and at which stage iteration
     elapsed: float = 0.0
     done: bool = False
 
@@ -197,14 +199,29 @@ class Inversion:
                     state.adam = None
             model = self._stage_model(si, state.modes[si], state.x)
             self._model = (si, model)
+            k = inv.basis_refresh_every
+            if self.frozen and state.basis_x is not None and not (
+                    state.stage_iteration % k == 0
+                    and state.basis_iteration != state.stage_iteration):
+                # resumed inside a refresh interval: the basis the interrupted run was using
+                self._refresh_basis(model, state, si, state.basis_x, state.basis_iteration)
             while state.stage_iteration < end:
-                n = min(self.segment, end - state.stage_iteration)
+                # segments end at multiples of the checkpoint interval (and of the refresh
+                # interval): a resumed run cuts them where the uninterrupted one did
+                n = min(self.segment - state.stage_iteration % self.segment,
+                        end - state.stage_iteration)
+                if self.frozen:
+                    n = min(n, k - state.stage_iteration % k)
                 if self._stop_requested():
                     return self._stopped(state, state)
                 # a TAO type's segment cannot be continued from inside: keep its start
                 start = None if adam else copy.deepcopy(state)
                 before = state.stage_iteration
-                self._check_cut(model, state, si)
+                if not self.frozen:
+                    self._check_cut(model, state, si)
+                elif state.basis_x is None or (state.stage_iteration % k == 0 and
+                                               state.basis_iteration != state.stage_iteration):
+                    self._refresh_basis(model, state, si, state.x, state.stage_iteration)
                 model.update_prior_weights(state.x, self.manifold_weight(state.global_iteration))
                 converged = self._segment(segment, adam, model, state, n, si, stage, t_start)
                 state.elapsed = time.perf_counter() - t_start
@@ -220,6 +237,7 @@ class Inversion:
             state.stage_kappa.append(self.kappa(state.x))
             state.stage += 1
             state.stage_iteration = 0
+            state.basis_x, state.basis_iteration = None, -1
             if checkpoint is not None:
                 checkpoint(state)
         state.done = True
@@ -270,6 +288,22 @@ class Inversion:
                                resumable.global_iteration)
         resumable.done = False
         return resumable
+
+    @property
+    def frozen(self) -> bool:
+        """The stages' reduced model is on a frozen basis (inversion.basis = "frozen")."""
+        return self.cfg.inversion.basis == "frozen"
+
+    def _refresh_basis(self, model, state, si, x, stage_iteration) -> None:
+        """Basis "frozen": the eigenbasis at x becomes the stage's basis (collective). If its
+        cut has (nearly) closed, the mode count is re-selected there first, as `_check_cut`
+        does for the eigenbasis model; the basis is then fixed, and the objective smooth,
+        until the next refresh."""
+        model.refresh_basis(x)
+        if self._check_cut(model, state, si, x):
+            model.refresh_basis(x)
+        state.basis_x = np.array(x, copy=True)
+        state.basis_iteration = int(stage_iteration)
 
     def _check_cut(self, model, state, si, x=None) -> bool:
         """Re-select the stage's mode count when the last evaluation's spectral cut has (nearly)
@@ -364,7 +398,8 @@ class Inversion:
 
         def cost_and_gradient(x):
             value = model.cost_and_gradient(x)
-            if adam and self._check_cut(model, state, si, x):
+            # (a frozen basis has no cut to cross between refreshes: checked at each refresh)
+            if adam and not self.frozen and self._check_cut(model, state, si, x):
                 # the gradient at a near-closed cut is ill-conditioned (~1 / gap): a step
                 # taken from it amplifies round-off ~100x (measured, docs/reproducibility.md),
                 # so Adam steps from this point with the re-selected model instead. TAO's line

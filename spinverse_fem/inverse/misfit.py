@@ -223,6 +223,13 @@ class ReducedMisfit(SignalMisfit):
                                 basis.rel_gap)
         with self.counters.timed("projection"):
             system, products = project_with_products(self.model.ops, basis)
+        state = self._propagate(system)
+        state.update(basis=basis, products=products)
+        return state
+
+    def _propagate(self, system) -> dict:
+        """Signals and S0 of every sequence on a reduced system (the propagators are kept for
+        the VJP)."""
         # "own": S and S0 on Lambda - lambda_1 I (both scaled by exp(TE lambda_1), the ratio
         # and its gradient unchanged, nothing underflows); "reference" needs S in um^3
         own = self.normalisation == "own"
@@ -235,8 +242,7 @@ class ReducedMisfit(SignalMisfit):
                 S.append(prop.signals())
                 s0.append(b0_signal(prop_system, seq.echo_time_ms) if own
                           else self.s0_reference[k])
-        return dict(basis=basis, system=system, prop_system=prop_system, products=products,
-                    props=props, S=S, s0=s0)
+        return dict(system=system, prop_system=prop_system, props=props, S=S, s0=s0)
 
     def reduced_cotangents(self, kappa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Lbar (K,K), Wbar (3,K,K), nu0bar (K,)): dJ with respect to the reduced quantities."""

@@ -60,6 +60,12 @@ class Model:
         self.misfit.set_num_modes(num_modes)
         self._cache = None
 
+    def refresh_basis(self, x: np.ndarray) -> int:
+        """A frozen-basis misfit's refresh at x (`inverse.frozen_basis`): the objective changes
+        here. Returns the mode count."""
+        self._cache = None
+        return self.misfit.refresh(self.params.to_kappa(x))
+
     def update_prior_weights(self, x: np.ndarray, manifold: float) -> None:
         """Re-evaluate w_ij = clip(1 - |p_i - p_j|, 0, 1) at x (then held fixed) and set the
         manifold weight (the driver's ramp)."""
