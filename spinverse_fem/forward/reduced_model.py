@@ -72,6 +72,73 @@ def propagator(system: ReducedSystem, sequence, tol: float = UNIT_ROUNDOFF
                               sequence.q_per_um_ms(), sequence.directions, tol=tol)
 
 
+def split_measurements(sequence, parts: int) -> list[np.ndarray]:
+    """The measurement indices of `sequence` in `parts` groups of about equal propagation cost
+    (ascending indices in each). Columns with q = 0 cost nothing (closed form) and are spread
+    evenly; the others are ordered by direction (up to sign) and then q, and cut into
+    contiguous runs of equal count, so that columns sharing a direction, which the propagator
+    batches together, mostly stay on one rank."""
+    q = np.asarray(sequence.q_per_um_ms(), dtype=float)
+    d = np.asarray(sequence.directions, dtype=float)
+    # direction up to sign: make the first nonzero component positive
+    sgn = np.sign(d[np.arange(d.shape[0]), np.argmax(np.abs(d) > 1e-12, axis=1)])
+    key = np.round(d * sgn[:, None], 12)
+    moving = np.flatnonzero(q != 0.0)
+    order = moving[np.lexsort((q[moving], key[moving, 2], key[moving, 1], key[moving, 0]))]
+    still = np.flatnonzero(q == 0.0)
+    return [np.sort(np.concatenate([chunk, still[i::parts]])).astype(np.int64)
+            for i, chunk in enumerate(np.array_split(order, parts))]
+
+
+class DistributedPropagator:
+    """The propagator of one sequence with its measurements split over the ranks of `comm`
+    (`split_measurements`): each rank propagates its own columns; `signals` gathers all of
+    them (replicated, in the sequence's order) and `vjp` sums the ranks' cotangents. The dense
+    exponential actions, replicated work otherwise, so scale with the rank count; the results
+    equal the one-rank propagator's up to the summation order of the cotangents."""
+
+    def __init__(self, comm, system: ReducedSystem, sequence, tol: float = UNIT_ROUNDOFF):
+        self.comm = comm
+        self.n = int(sequence.num_measurements)
+        parts = split_measurements(sequence, comm.size)
+        self.index = parts[comm.rank]
+        q = np.asarray(sequence.q_per_um_ms(), dtype=float)[self.index]
+        dirs = np.asarray(sequence.directions, dtype=float)[self.index]
+        self._parts = parts
+        self._prop = (SequencePropagator(system.lam, system.W, system.nu0, sequence.segments,
+                                         q, dirs, tol=tol) if self.index.size else None)
+        self._K = system.num_modes
+
+    def signals(self) -> np.ndarray:
+        """S (n,) complex in um^3, replicated on every rank."""
+        local = (self._prop.signals() if self._prop is not None
+                 else np.zeros(0, dtype=np.complex128))
+        if self.comm.size == 1:
+            return local
+        S = np.empty(self.n, dtype=np.complex128)
+        for idx, part in zip(self._parts, self.comm.allgather(local)):
+            S[idx] = part
+        return S
+
+    def vjp(self, S_bar, full_lam: bool = False):
+        """`SequencePropagator.vjp` of the whole sequence: S_bar (n,) replicated; returns the
+        summed (lam_bar, W_bar, nu0_bar), replicated."""
+        K = self._K
+        if self._prop is not None:
+            lb, wb, nb = self._prop.vjp(np.asarray(S_bar)[self.index], full_lam=full_lam)
+        else:
+            lb = np.zeros((K, K) if full_lam else K)
+            wb, nb = np.zeros((3, K, K)), np.zeros(K)
+        if self.comm.size == 1:
+            return lb, wb, nb
+        from mpi4py import MPI
+
+        packed = self.comm.allreduce(np.concatenate([lb.ravel(), wb.ravel(), nb]), op=MPI.SUM)
+        n_l = lb.size
+        return (packed[:n_l].reshape(lb.shape), packed[n_l:n_l + wb.size].reshape(wb.shape),
+                packed[n_l + wb.size:])
+
+
 def reduced_signals(system: ReducedSystem, sequence) -> np.ndarray:
     """(n,) complex signals S_c (um^3) of one sequence (unnormalised)."""
     return propagator(system, sequence).signals()

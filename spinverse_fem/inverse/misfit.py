@@ -47,9 +47,9 @@ from spinverse_fem.forward.full_order import FullOrderModel
 from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.propagator import exp_divided_differences
 from spinverse_fem.forward.reduced_model import (
+    DistributedPropagator,
     b0_signal,
     project_with_products,
-    propagator,
     shifted,
 )
 from spinverse_fem.inverse.complement_solver import ComplementSolver
@@ -237,7 +237,7 @@ class ReducedMisfit(SignalMisfit):
         props, S, s0 = [], [], []
         with self.counters.timed("propagation"):
             for k, seq in enumerate(self.sequences):
-                prop = propagator(prop_system, seq, tol=self.taylor_tol)
+                prop = DistributedPropagator(self.comm, prop_system, seq, tol=self.taylor_tol)
                 props.append(prop)
                 S.append(prop.signals())
                 s0.append(b0_signal(prop_system, seq.echo_time_ms) if own
