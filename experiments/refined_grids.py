@@ -57,17 +57,20 @@ SHAPES = {
 }
 
 
-def config_text(shape: str, n: int, settings: Settings, refine: int) -> str:
-    """examples/paper_torus.toml with the grid, the geometry, the mode cap and the targets
-    replaced (TOML text)."""
+def config_text(shape: str, n: int, settings: Settings, refine: int,
+                basis: str = "eigen", refresh_every: int = 10) -> str:
+    """examples/paper_torus.toml with the grid, the geometry, the mode cap, the targets and
+    (basis "frozen") the reduced model's basis replaced (TOML text)."""
     text = (ROOT / "examples" / "paper_torus.toml").read_text()
     text = re.sub(r"(?m)^cubes = .*$", f"cubes = {n}", text, count=1)
     text = re.sub(r"(?m)^cube_um = .*$", f"cube_um = {BOX_UM / n!r}", text, count=1)
     text = re.sub(r"(?ms)^\[geometry\]\n.*?(?=^\[)", SHAPES[shape] + "\n", text, count=1)
     text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.max_modes}", text, count=1)
     text = re.sub(r"(?m)^fibonacci = .*$", f"fibonacci = {settings.directions}", text)
+    frozen = (f'basis = "frozen"\nbasis_refresh_every = {refresh_every}\n'
+              if basis == "frozen" else "")
     text = text.replace("[inversion]\n", f"[inversion]\niterations_per_stage = "
-                                         f"{settings.iterations}\n", 1)
+                                         f"{settings.iterations}\n{frozen}", 1)
     return (f"# experiments/refined_grids.py: {shape} on the n = {n} grid\n" + text +
             f"\n[target]\ngrid_refinement = {refine}\n")
 
@@ -101,13 +104,14 @@ def table(runs: list[dict]) -> str:
     for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
         m = r["metrics"]
         its = r["iterations"]
-        rows.append([r["shape"], r["n"], r["tets"], r["ranks"], fmt(m.get("cd_l2")),
+        rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["ranks"], fmt(m.get("cd_l2")),
                      fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), its,
                      fmt_seconds(r["seconds"]), fmt(r["seconds"] / max(its, 1)),
                      " ".join(str(k) for k in r["modes"]),
                      " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
                                 if not k.startswith("refine1/")) or "-"])
-    return markdown_table(["shape", "n", "tets", "ranks", "CD-L2 (um^2)", "BadEdge %", "IoU",
+    return markdown_table(["shape", "n", "tets", "basis", "ranks", "CD-L2 (um^2)", "BadEdge %",
+                           "IoU",
                            "iterations", "wall", "s / iteration", "modes per stage",
                            "misfit at the truth (5/6 / 10/20 / 10/60)"], rows)
 
@@ -118,12 +122,14 @@ def _saved(path: Path) -> dict:
     from spinverse_fem.geometry.phantom import build_grid
 
     r = json.loads(path.read_text())
-    shape, n = re.fullmatch(r"(.+)_n(\d+)", path.stem).groups()
+    shape, n, suffix = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?", path.stem).groups()
     cfg = parse_config(r["config"], source=path.name)
-    floor = path.with_name(path.stem + ".floor.json")
+    basis = (f"frozen, refresh every {cfg.inversion.basis_refresh_every}"
+             if cfg.inversion.basis == "frozen" else "eigen")
+    floor = path.with_name(f"{shape}_n{n}.floor.json")
     extra = dict(floor=json.loads(floor.read_text())) if floor.exists() else {}
     return dict(r, shape=shape, n=int(n), tets=int(build_grid(cfg.grid, path.name).num_tets),
-                **extra)
+                basis=basis, **extra)
 
 
 def report(out: Path) -> None:
@@ -138,8 +144,10 @@ def report(out: Path) -> None:
     atomic_write_text(out / "refined_grids.md", text)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for shape in sorted({r["shape"] for r in runs}):
-        rs = sorted((r for r in runs if r["shape"] == shape), key=lambda r: r["n"])
+    for shape, basis in sorted({(r["shape"], r["basis"].split(",")[0]) for r in runs}):
+        rs = sorted((r for r in runs if r["shape"] == shape
+                     and r["basis"].split(",")[0] == basis), key=lambda r: r["n"])
+        shape = f"{shape} ({basis})"
         ns = [r["n"] for r in rs]
         axes[0].plot(ns, [r["metrics"]["cd_l2"] for r in rs], "o-", label=shape)
         axes[1].plot(ns, [r["metrics"]["bad_edge_pct"] for r in rs], "o-", label=shape)
@@ -167,6 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("--refine", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--basis", default="eigen", choices=["eigen", "frozen"],
+                   help="the reduced model during the inversion (inversion.basis)")
+    p.add_argument("--refresh-every", type=int, default=10,
+                   help="basis frozen: iterations between refreshes")
     p.add_argument("--floor", action="store_true",
                    help="also the misfit at the ground truth with same-grid and refined targets")
     a = p.parse_args(argv)
@@ -176,12 +188,14 @@ def main(argv=None) -> int:
     folder = a.out / "refined_grids"
     for shape in a.shapes:
         for n in a.sizes:
-            label = f"{shape}_n{n}"
+            label = f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
+                                       else "")
             say(comm, f"== {label}")
-            res = cached_run(comm, folder / f"{label}.json", config_text(shape, n, settings,
-                                                                         a.refine),
+            res = cached_run(comm, folder / f"{label}.json",
+                             config_text(shape, n, settings, a.refine, a.basis,
+                                         a.refresh_every),
                              settings, label, log=iteration_logger(comm, a.log_every))
-            floor_path = folder / f"{label}.floor.json"
+            floor_path = folder / f"{shape}_n{n}.floor.json"
             if a.floor and not floor_path.exists():
                 floor = misfit_floor(comm, shape, n, settings, a.refine)
                 if comm.rank == 0:
