@@ -496,6 +496,7 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         checkpoint_every=t.integer("checkpoint_every", d.checkpoint_every, ge=0),
         basis=t.string("basis", d.basis, choices=list(BASES)),
         basis_refresh_every=t.integer("basis_refresh_every", d.basis_refresh_every, ge=1),
+        basis_refresh_step=t.number("basis_refresh_step", d.basis_refresh_step, ge=0),
         custom_stages=stages,
     )
 

@@ -178,7 +178,8 @@ class InversionConfig:
     basis: "eigen" (the eigenbasis of every iterate; its adjoint needs one complement solve
     per mode) or "frozen" (the eigenbasis of the iterate at a refresh, held fixed for
     `basis_refresh_every` iterations: a Galerkin model with an exact, solve-free gradient;
-    `inverse.frozen_basis`, docs/frozen_basis.md).
+    `inverse.frozen_basis`, docs/frozen_basis.md); with Adam also as soon as some face's
+    log10 kappa has moved more than `basis_refresh_step` since the refresh (0 = never).
     """
 
     kappa_min_um_per_ms: float = 0.01
@@ -201,6 +202,7 @@ class InversionConfig:
     checkpoint_every: int = 10
     basis: str = "eigen"
     basis_refresh_every: int = 10
+    basis_refresh_step: float = 0.1
     custom_stages: tuple[Stage, ...] = ()
 
 

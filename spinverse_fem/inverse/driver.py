@@ -199,19 +199,20 @@ class Inversion:
                     state.adam = None
             model = self._stage_model(si, state.modes[si], state.x)
             self._model = (si, model)
-            k = inv.basis_refresh_every
-            if self.frozen and state.basis_x is not None and not (
-                    state.stage_iteration % k == 0
-                    and state.basis_iteration != state.stage_iteration):
+            if self.frozen and state.basis_x is not None:
                 # resumed inside a refresh interval: the basis the interrupted run was using
                 self._refresh_basis(model, state, si, state.basis_x, state.basis_iteration)
             while state.stage_iteration < end:
-                # segments end at multiples of the checkpoint interval (and of the refresh
-                # interval): a resumed run cuts them where the uninterrupted one did
+                # segments end at multiples of the checkpoint interval: a resumed run cuts
+                # them where the uninterrupted one did
                 n = min(self.segment - state.stage_iteration % self.segment,
                         end - state.stage_iteration)
                 if self.frozen:
-                    n = min(n, k - state.stage_iteration % k)
+                    self._maybe_refresh(model, state, si, state.x)
+                    if not adam:
+                        # TAO needs one objective per segment: it ends at the next refresh
+                        n = min(n, state.basis_iteration + inv.basis_refresh_every
+                                - state.stage_iteration)
                 if self._stop_requested():
                     return self._stopped(state, state)
                 # a TAO type's segment cannot be continued from inside: keep its start
@@ -219,9 +220,6 @@ class Inversion:
                 before = state.stage_iteration
                 if not self.frozen:
                     self._check_cut(model, state, si)
-                elif state.basis_x is None or (state.stage_iteration % k == 0 and
-                                               state.basis_iteration != state.stage_iteration):
-                    self._refresh_basis(model, state, si, state.x, state.stage_iteration)
                 model.update_prior_weights(state.x, self.manifold_weight(state.global_iteration))
                 converged = self._segment(segment, adam, model, state, n, si, stage, t_start)
                 state.elapsed = time.perf_counter() - t_start
@@ -304,6 +302,21 @@ class Inversion:
             model.refresh_basis(x)
         state.basis_x = np.array(x, copy=True)
         state.basis_iteration = int(stage_iteration)
+
+    def _maybe_refresh(self, model, state, si, x) -> bool:
+        """Basis "frozen": refresh at x (the iterate of the current stage iteration) when there
+        is no basis, when basis_refresh_every iterations have passed since the last refresh,
+        or (Adam) when some face's log10 kappa has moved more than basis_refresh_step since
+        it. True if it refreshed."""
+        inv = self.cfg.inversion
+        due = (state.basis_x is None
+               or state.stage_iteration - state.basis_iteration >= inv.basis_refresh_every)
+        if not due and inv.basis_refresh_step > 0 and state.basis_iteration != \
+                state.stage_iteration:
+            due = float(np.max(np.abs(np.asarray(x) - state.basis_x))) > inv.basis_refresh_step
+        if due:
+            self._refresh_basis(model, state, si, x, state.stage_iteration)
+        return due
 
     def _check_cut(self, model, state, si, x=None) -> bool:
         """Re-select the stage's mode count when the last evaluation's spectral cut has (nearly)
@@ -397,6 +410,10 @@ class Inversion:
                     segment.stop()
 
         def cost_and_gradient(x):
+            if adam and self.frozen:
+                # Adam evaluates once per iteration, at the iterate it steps from: the basis
+                # can be refreshed there (TAO's line search cannot: its segments end instead)
+                self._maybe_refresh(model, state, si, x)
             value = model.cost_and_gradient(x)
             # (a frozen basis has no cut to cross between refreshes: checked at each refresh)
             if adam and not self.frozen and self._check_cut(model, state, si, x):
