@@ -280,7 +280,9 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
         print(f"done in {time.perf_counter() - t0:.1f} s: iteration {state.global_iteration}, "
               f"final misfit {final_misfit:.4e}, {int(interface.sum())} interface faces"
               + (f", CD-L2 {metrics['cd_l2']:.3f} um^2, BadEdge {metrics['bad_edge_pct']:.1f}%, "
-                 f"face IoU {metrics['iou']:.3f}" if "cd_l2" in metrics else ""), flush=True)
+                 f"face IoU {metrics['iou']:.3f}" if "cd_l2" in metrics else "")
+              + (f"; frozen basis refreshed {inv.refreshes} times in this process"
+                 if inv.frozen else ""), flush=True)
         print(f"wrote {out}/result.h5, interface.xdmf, interface.ply, metrics.json, history.png, "
               "fit.png", flush=True)
     # a signal that came after the last iteration: everything was written, but say so

@@ -120,6 +120,7 @@ class Inversion:
         self._model = None   # (stage index, the model) of the last stage run in this process
         self._last_row_x = None
         self._clock = None   # (time, evaluations) at the start of this process's run
+        self.refreshes = 0   # basis "frozen": refreshes in this process
 
     @property
     def planned_iterations(self) -> int:
@@ -300,6 +301,7 @@ class Inversion:
         model.refresh_basis(x)
         if self._check_cut(model, state, si, x):
             model.refresh_basis(x)
+        self.refreshes += 1
         state.basis_x = np.array(x, copy=True)
         state.basis_iteration = int(stage_iteration)
 
