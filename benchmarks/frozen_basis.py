@@ -18,7 +18,16 @@ faces, the parameter x = log10 kappa: what Adam sees) and ||g_f - g_e|| / ||g_e|
 time of one objective + gradient evaluation of each (ratio frozen / eigen, same process, same
 point: the machine is shared).
 
-Run (one process, OMP_NUM_THREADS=1; ~10 min):
+Measured (one rank, 150 s, a run_inversion.py on the other core; 12 refresh points x 11
+iterates): at the refresh point J and S agree to round-off and the gradients to a cosine of
+0.9995 (median; min 0.986: the frozen gradient leaves out the eigenvectors' rotation out of
+the subspace). One iteration later the median |dJ|/J is 8.6e-4 (max 4.6e-2), five later 5.7e-3
+(max 0.40, gradient cosine down to 0.17), ten later 8.7e-2 (max 1.85, cosine -0.64): in the
+peak-learning-rate phase faces move 0.2-0.6 in log10 kappa within a few iterations. An
+evaluation + gradient of the frozen model takes 0.25-0.35 of the eigenbasis model's at
+K ~ 110. Hence `basis_refresh_step` (refresh when a face moved > 0.1): docs/frozen_basis.md.
+
+Run (one process, OMP_NUM_THREADS=1; ~3 min):
 
     OMP_NUM_THREADS=1 timeout 3600 python benchmarks/frozen_basis.py
 
