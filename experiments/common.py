@@ -280,7 +280,8 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     precision, recall, num_pred_faces, num_true_faces, ...), final misfits at the final kappa
     with the last stage's mode count: `misfit_last_stage` (what the last stage fits),
     `misfit_joint` (10/60 + 10/20 together) and `misfit_per_sequence`; modes per stage,
-    iterations, seconds (inversion wall time), seconds_total (with set-up) and history
+    iterations, seconds (inversion wall time), seconds_total (with set-up), final_log10_kappa
+    (every face, canonical order: for re-scoring) and history
     (Inversion.history plus a final row at iteration = total iterations with the final
     cd_l2 / bad_edge_pct / interface_faces and the last-stage misfit).
     """
@@ -341,7 +342,7 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
                 iterations=int(state.global_iteration), seconds=t2 - t1,
                 seconds_total=time.perf_counter() - t0,
                 stages=[[cfg.sequences[i].name for i in st.sequences] for st in run_stages],
-                history=history)
+                history=history, final_log10_kappa=[float(v) for v in np.log10(kappa)])
 
 
 def _json_safe(obj):
