@@ -29,6 +29,8 @@ Derivation and measured accuracy against the eigenbasis model: docs/frozen_basis
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from spinverse_fem.fem.sensitivity import FaceSensitivity
@@ -63,7 +65,9 @@ class FrozenBasisMisfit(ReducedMisfit):
         """Solve the eigenproblem at kappa (the fixed mode count, or the [eigen] rule if none)
         and freeze its K modes (collective). Returns K. The objective changes here."""
         kappa = np.array(kappa, dtype=np.float64, copy=True)
-        with self.counters.timed("eigen"):
+        with self.counters.timed("eigen"), warnings.catch_warnings():
+            # the cap was announced when the stage chose K; not again at every refresh
+            warnings.filterwarnings("ignore", message=".*eigenvalues lie below the cutoff")
             basis = self.model.eigenbasis(kappa, self.num_modes)
         self.counters.eigen_solves += 1
         with self.counters.timed("projection"):
