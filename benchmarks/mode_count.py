@@ -8,6 +8,7 @@ permeability fields
 - start: kappa = 1 um/ms on every face (the inversion's start),
 - mid:   kappa = sqrt(start x truth) (halfway in log10 kappa: membranes half-formed),
 - truth: the ground truth (0.01 um/ms on the torus's faces, 100 elsewhere),
+- open:  kappa = 10 um/ms on every face (a start above the threshold, for comparison),
 
 the eigenbasis misfit of all three sequences (`ReducedMisfit`, a fixed K, complement-solve
 adjoint) is evaluated for every K in --modes and for K_ref = --reference, and compared with
@@ -74,7 +75,8 @@ def main() -> int:
             _ = case.targets
         truth = np.asarray(case.phantom.kappa, float)
         start = case.start_kappa()
-        fields = dict(start=start, truth=truth, mid=np.sqrt(start * truth))
+        fields = dict(start=start, truth=truth, mid=np.sqrt(start * truth),
+                      open=np.full_like(start, 10.0))
         active = case.params.active
         for name in a.points:
             kappa = fields[name]
@@ -128,7 +130,7 @@ def plot(rows, path: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for n in sorted({r["n"] for r in rows}):
-        for point, ls in (("start", "o-"), ("mid", "s--"), ("truth", "^:")):
+        for point, ls in (("start", "o-"), ("mid", "s--"), ("truth", "^:"), ("open", "d-.")):
             sel = sorted((r for r in rows if r["n"] == n and r["point"] == point
                           and r["modes"] != r["reference"]), key=lambda r: r["modes"])
             if not sel:
