@@ -299,7 +299,11 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     ref_cfg = replace(cfg, eigen=replace(cfg.eigen, max_modes=settings.reference_max_modes))
     # a [target] grid_refinement simulates the targets on a finer grid (no inverse crime)
     refine = cfg.target.grid_refinement if cfg.target and cfg.target.grid_refinement else 1
-    targets, s0, _ = simulate_targets(comm, ref_cfg, refine)
+    log(f"  simulating the targets on the grid refined {refine}x (up to "
+        f"{settings.reference_max_modes} modes) ...")
+    targets, s0, ref_phantom = simulate_targets(comm, ref_cfg, refine)
+    log(f"  targets done ({ref_phantom.grid.num_tets} tets) after "
+        f"{time.perf_counter() - t0:.0f} s; inverting")
     case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))
     problem = case.phantom
     threshold = cfg.inversion.threshold_um_per_ms
