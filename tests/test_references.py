@@ -417,3 +417,94 @@ def test_plane_membrane_box_reduces_to_1d_factors():
     # membrane on the y axis of a box: same as a 1-D membrane of length 8 um
     s = plane_membrane_box_signal(lengths, 1, 3.0, 1.0, D, DELTA_S, DELTA_L, q, (0, 1, 0))
     assert s == membrane_pgse_signal(8.0, 3.0, 1.0, D, DELTA_S, DELTA_L, q)
+
+
+# -- concentric multilayer spheres and cylinders (references/multilayer.py) ------------------
+
+def _bessel_roots(f, count, upper=40.0):
+    import scipy.optimize
+
+    xs = np.linspace(1e-3, upper, 8000)
+    v = f(xs)
+    roots = [scipy.optimize.brentq(f, xs[i], xs[i + 1]) for i in range(xs.size - 1)
+             if v[i] * v[i + 1] < 0]
+    return np.array(roots[:count])
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_multilayer_one_layer_eigenvalues_are_bessel_roots(dim):
+    """Reference: lambda = D (x / R)^2 with x the roots of j_l' (sphere) or J_l' (disk), and
+    lambda = 0 for l = 0: the radial P1 modes agree to 2e-5 (relative, 2000 elements)."""
+    import scipy.special as sps
+    from references.multilayer import Layers, radial_modes
+
+    R, D = 5.0, 2.0
+    one = Layers(radii=(R,), D=(D,), dim=dim)
+    for order in (0, 1, 3):
+        lam, _, _, _ = radial_modes(one, order, 5)
+        if dim == 3:
+            x = _bessel_roots(lambda z: sps.spherical_jn(order, z, derivative=True), 5)
+        else:
+            x = _bessel_roots(lambda z: sps.jvp(order, z), 5)
+        ref = D * (x / R) ** 2
+        got = lam[1:5] if order == 0 else lam[:4]
+        assert abs(lam[0]) < 1e-8 or order > 0
+        np.testing.assert_allclose(got, ref[:4], rtol=2e-5)
+
+
+def test_multilayer_sphere_narrow_pulse_long_time_limit():
+    """Reference: the narrow-pulse, long-time sphere signal [3 j1(k R) / (k R)]^2, k = q delta
+    (delta = 5e-3 ms, Delta = 300 ms >> R^2 / D): agreement to 1e-3 absolute."""
+    from references.multilayer import Layers, pgse_signal
+
+    R = 5.0
+    delta = 5e-3
+    one = Layers(radii=(R,), D=(2.0,))
+    k = np.array([0.3, 0.6, 1.0])
+    got = pgse_signal(one, delta, 300.0, k / delta, orders=14, modes=25)
+    kr = k * R
+    ref = (3.0 * (np.sin(kr) - kr * np.cos(kr)) / kr**3) ** 2
+    np.testing.assert_allclose(got.real, ref, atol=1e-3)
+    assert np.max(np.abs(got.imag)) < 1e-10
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_multilayer_kappa_limits(dim):
+    """References: (i) equal D and kappa -> infinity: the two-layer body is the one-layer body
+    of the outer radius (1e-3 absolute at kappa 1e5); (ii) kappa = 0: the spectrum contains the
+    inner body's own spectrum (1e-6 relative)."""
+    from references.multilayer import Layers, pgse_signal, radial_modes
+
+    q = np.array([0.05, 0.1])
+    one = Layers(radii=(6.0,), D=(2.0,), dim=dim)
+    two = Layers(radii=(3.0, 6.0), D=(2.0, 2.0), kappa=(1e5,), dim=dim)
+    np.testing.assert_allclose(pgse_signal(two, 5.0, 15.0, q, orders=10, modes=20),
+                               pgse_signal(one, 5.0, 15.0, q, orders=10, modes=20), atol=1e-3)
+    sealed = Layers(radii=(3.0, 6.0), D=(1.0, 2.0), kappa=(0.0,), dim=dim)
+    inner = Layers(radii=(3.0,), D=(1.0,), dim=dim)
+    lam2 = radial_modes(sealed, 1, 12)[0]
+    lam1 = radial_modes(inner, 1, 3)[0]
+    for v in lam1:
+        assert np.min(np.abs(lam2 - v)) <= 1e-6 * v
+
+
+def test_multilayer_relaxation_and_spin_density_weighting():
+    """Reference: with sealed interfaces (kappa = 0) the layers are independent:
+    S0 = sum_i rho_i V_i exp(-TE / T2_i) (closed form) and S/S0 at any q the S0-weighted mean
+    of each layer's own S/S0 (inner sphere: one layer; outer shell: from the two-layer body
+    with rho = (0, 1))."""
+    from references.multilayer import Layers, absolute_s0, pgse_signal
+
+    r1, r2, TE = 3.0, 6.0, 25.0
+    body = Layers(radii=(r1, r2), D=(1.0, 2.5), kappa=(0.0,), T2=(40.0, 80.0), rho=(1.5, 0.7))
+    v1 = 4.0 / 3.0 * np.pi * r1**3
+    v2 = 4.0 / 3.0 * np.pi * r2**3 - v1
+    s0 = 1.5 * v1 * np.exp(-TE / 40.0) + 0.7 * v2 * np.exp(-TE / 80.0)
+    assert absolute_s0(body, TE) == pytest.approx(s0, rel=1e-5)
+    q = np.array([0.1, 0.2])
+    whole = pgse_signal(body, 5.0, 20.0, q, orders=10, modes=20)
+    core = pgse_signal(Layers(radii=(r1,), D=(1.0,)), 5.0, 20.0, q, orders=10, modes=20)
+    shell = pgse_signal(Layers(radii=(r1, r2), D=(1.0, 2.5), kappa=(0.0,), rho=(0.0, 1.0)),
+                        5.0, 20.0, q, orders=10, modes=20)
+    w1 = 1.5 * v1 * np.exp(-TE / 40.0) / s0
+    np.testing.assert_allclose(whole, w1 * core + (1.0 - w1) * shell, atol=1e-6)
