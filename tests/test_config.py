@@ -184,7 +184,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch):
         'kind = "box"\nlower_um = [0.0, 0.0, 0.0]\nupper_um = [10.0, 10.0, 10.0]\n'
         'cells = [4, 4, 4]',
         'kind = "file"\npath = "grid.msh"\nmembrane_tag = 7',
-    )
+    ).replace(SPHERE, 'kind = "file_tags"')
     text += ('[[sequence]]\ntype = "camino"\nname = "cam"\nfile = "two.scheme"\n\n'
              '[target]\nfile = "out/signals.h5"\nnoise_snr = 50.0\nseed = 3\n')
     path = _write(sub, text)
@@ -252,6 +252,7 @@ def test_geometry_paper_file_and_bcc_grid(tmp_path):
 GRID_BOX = ('kind = "box"\nlower_um = [0.0, 0.0, 0.0]\nupper_um = [10.0, 10.0, 10.0]\n'
             'cells = [4, 4, 4]')
 SPHERE = 'kind = "sphere"\nradius_um = 3.0'
+CUBE_MSH = EXAMPLES.parent / "meshes" / "data" / "cube_membrane.msh"
 
 ERROR_CASES = {
     "unknown key": (BASE.replace("[physics]\n", "[physics]\ncolour = 1\n"), "physics.colour",
@@ -347,6 +348,13 @@ ERROR_CASES = {
     ),
     "file_tags without grid file": (_variant(SPHERE, 'kind = "file_tags"'), "geometry.kind",
                                     "grid.kind = 'file'"),
+    "membrane_tag without file_tags": (
+        BASE.replace(GRID_BOX, f'kind = "file"\npath = "{CUBE_MSH}"\nmembrane_tag = 2'),
+        "grid.membrane_tag", "only with geometry.kind = 'file_tags'"),
+    "file_tags without membrane_tag": (
+        BASE.replace(GRID_BOX, f'kind = "file"\npath = "{CUBE_MSH}"').replace(
+            SPHERE, 'kind = "file_tags"'),
+        "grid.membrane_tag", "name its tag"),
     "bent axon both ways": (
         _variant(SPHERE, 'kind = "bent_axon"\nradius_um = 4.0\nsegments = 3\n'
                          'control_points_um = [[0, 0, 0], [0, 0, 1]]'),

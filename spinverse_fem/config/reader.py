@@ -255,6 +255,11 @@ def _geometry(t: _Table, base: Path, grid: GridConfig) -> GeometryConfig:
     t.allow(["kind", *_GEOMETRY_KEYS[kind], *(["inside_rule"] if analytic else [])],
             f" for kind {kind!r}")
     geo = _geometry_fields(t, kind, base, grid)
+    if grid.membrane_tag is not None and kind != "file_tags":
+        raise InputError(t.source, "grid.membrane_tag",
+                         f"is used only with geometry.kind = 'file_tags' (the membrane taken "
+                         f"from the mesh file), got geometry.kind = {kind!r}: remove it, or "
+                         "set geometry.kind = 'file_tags'")
     if analytic:
         geo = replace(geo,
                       inside_rule=t.string("inside_rule", "vertices", choices=list(INSIDE_RULES)))
@@ -311,6 +316,12 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
         return GeometryConfig(kind, path=t.path("path", base))
     if kind == "file_tags" and grid.kind != "file":
         raise t.error("kind", f"'file_tags' needs grid.kind = 'file', got {grid.kind!r}")
+    if kind == "file_tags" and grid.membrane_tag is None:
+        # without it every tagged triangle, the outer boundary's included, would be membrane
+        raise InputError(t.source, "grid.membrane_tag",
+                         "missing: geometry.kind = 'file_tags' takes the membrane from the "
+                         "triangles of one physical surface; name its tag (the outer "
+                         "boundary's triangles must not be membrane)")
     return GeometryConfig(kind)
 
 
