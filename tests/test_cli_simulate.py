@@ -103,3 +103,24 @@ def test_mpi_parity_of_signals_and_faces(tmp_path):
             np.testing.assert_allclose(a[key][:], b[key][:], rtol=0, atol=1e-10)
         np.testing.assert_array_equal(a["faces"][:], b["faces"][:])
         np.testing.assert_array_equal(a["membrane"][:], b["membrane"][:])
+
+
+def test_simulate_full_order_model_is_normalised_like_the_reduced(tmp_path):
+    """Reference: the reduced model's table from the same config: `--model full` (Crank-Nicolson,
+    [full_order] time_step_ms) writes the same layout, its b = 0 rows are exactly 1 (S0 is its
+    own b = 0 signal) and its signals agree with the reduced ones to 5e-3 (time step and mode
+    truncation; tests/test_reduced_vs_full_order.py measures the convergence)."""
+    cfg = small_config(tmp_path)
+    tables = {}
+    for model in ("reduced", "full"):
+        out = tmp_path / model / "signals.h5"
+        r = run(["simulate", cfg, "--out", out, "--model", model])
+        assert r.returncode == 0, r.stderr
+        if model == "full":
+            assert "full-order Crank-Nicolson" in r.stdout
+        with h5py.File(out) as f:
+            tables[model] = f["signal_real"][:] + 1j * f["signal_imag"][:]
+            b = f["b_s_per_mm2"][:]
+    full, red = tables["full"], tables["reduced"]
+    np.testing.assert_allclose(full[b == 0], 1.0, atol=1e-13)
+    np.testing.assert_allclose(full, red, atol=5e-3)

@@ -319,6 +319,23 @@ class FullOrderModel:
             raise ValueError("S_bar differs between MPI ranks")
         return self._run(sequence, S_bar, kappa)
 
+    def normalised_signals(self, sequences, kappa: np.ndarray | None = None
+                           ) -> tuple[list[np.ndarray], list[float]]:
+        """(S/S0 (n_k,) complex per sequence, S0 per sequence in um^3): S0 is the model's own
+        b = 0 signal at the sequence's echo time, computed by the same Crank-Nicolson
+        recursion (one appended b = 0 row), as the reduced model normalises
+        (`ForwardModel.normalised_signals`). SolverError if an S0 is not positive and finite."""
+        out, s0s = [], []
+        for seq in sequences:
+            raw = self.signals(with_b0_row(seq), kappa=kappa)
+            s0 = float(raw[-1].real)
+            if not (np.isfinite(s0) and s0 > 0.0):
+                raise SolverError(f"the full-order b = 0 signal of sequence {seq.name!r} is "
+                                  f"{s0:.3g} um^3: check T2, the echo time and the time step")
+            out.append(raw[:-1] / s0)
+            s0s.append(s0)
+        return out, s0s
+
     def time_steps(self, sequence) -> list[tuple[float, int, float]]:
         """The time grid used for `sequence`: [(dt_ms, n_steps, amplitude), ...]."""
         return segment_steps(sequence.segments, self.time_step_ms)
@@ -579,3 +596,11 @@ class _ColumnBuffer:
         if self.k:
             self.acc += self.sens.owned(self.A[:, :self.k], self.B[:, :self.k])
             self.k = 0
+
+
+def with_b0_row(seq):
+    """`seq` with one extra measurement b = 0 (direction x) appended as the last row."""
+    from spinverse_fem.config.protocol import Sequence
+
+    return Sequence(seq.name, seq.segments, np.append(seq.b_s_per_mm2, 0.0),
+                    np.vstack([seq.directions, [[1.0, 0.0, 0.0]]]))

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from spinverse_fem.config.protocol import Sequence
 from spinverse_fem.errors import SolverError
 from spinverse_fem.fem.sensitivity import FaceSensitivity
-from spinverse_fem.forward.full_order import FullOrderModel
+from spinverse_fem.forward.full_order import FullOrderModel, with_b0_row
 from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.propagator import exp_divided_differences
 from spinverse_fem.forward.reduced_model import (
@@ -284,12 +283,6 @@ class ReducedMisfit(SignalMisfit):
             if self._sens is None:
                 self._sens = FaceSensitivity(ops)
             return self._sens(phi @ Lbar - A, phi)
-
-
-def with_b0_row(seq) -> Sequence:
-    """`seq` with one extra measurement b = 0 (direction x) appended as the last row."""
-    return Sequence(seq.name, seq.segments, np.append(seq.b_s_per_mm2, 0.0),
-                    np.vstack([seq.directions, [[1.0, 0.0, 0.0]]]))
 
 
 class FullOrderMisfit(SignalMisfit):
