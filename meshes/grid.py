@@ -176,6 +176,7 @@ class Grid:
     tets:               (T, 4) int64 vertex ids, every tet positively oriented.
     membrane_triangles: (M, 3) int64 vertex triples of membrane faces tagged in a file, or None.
     source:             where the grid came from (file path or generator call), used in errors.
+    tet_tags:           (T,) int64 volume tags of the tets (a file's physical volumes), or None.
 
     Construction validates the arrays (see `validate_grid`) and stores float64 / int64 copies.
     """
@@ -184,6 +185,7 @@ class Grid:
     tets: np.ndarray
     membrane_triangles: np.ndarray | None = None
     source: str = "<grid>"
+    tet_tags: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate_grid(self.points, self.tets, self.source, self.membrane_triangles)
@@ -192,6 +194,12 @@ class Grid:
         if self.membrane_triangles is not None:
             object.__setattr__(self, "membrane_triangles",
                                np.ascontiguousarray(self.membrane_triangles, dtype=np.int64))
+        if self.tet_tags is not None:
+            tags = np.asarray(self.tet_tags)
+            if tags.shape != (self.tets.shape[0],):
+                raise ValueError(f"{self.source}: tet_tags has shape {tags.shape}, expected "
+                                 f"({self.tets.shape[0]},)")
+            object.__setattr__(self, "tet_tags", np.ascontiguousarray(tags, dtype=np.int64))
 
     @property
     def num_vertices(self) -> int:

@@ -32,7 +32,9 @@ _IGNORED_CELLS = ("vertex", "line", "line3")
 def read_grid(path, membrane_tag: int | None = None) -> Grid:
     """Grid from a .msh (gmsh) or .xdmf file; coordinates are taken to be in um.
 
-    Tetrahedra: all linear tetra cells. membrane_triangles: the triangle cells whose tag
+    Tetrahedra: all linear tetra cells, with their volume tags (gmsh physical tags, or an XDMF
+    cell attribute of the tetrahedral grid) in tet_tags when the file has them (compartments).
+    membrane_triangles: the triangle cells whose tag
     (gmsh physical tag, or the XDMF facet meshtags value) equals membrane_tag; all triangles
     when membrane_tag is None (None if the file has no triangles). Raises InputError naming
     the file for a missing file, an unknown extension, no tetrahedra, an absent membrane tag,
@@ -72,7 +74,8 @@ def read_grid(path, membrane_tag: int | None = None) -> Grid:
         triangles = triangles[sel]
     elif triangles.shape[0] == 0:
         triangles = None
-    return Grid(points=mesh.points, tets=mesh.tets, membrane_triangles=triangles, source=source)
+    return Grid(points=mesh.points, tets=mesh.tets, membrane_triangles=triangles, source=source,
+                tet_tags=mesh.tet_tags)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class _RawMesh:
     triangles: np.ndarray       # (M, 3) int
     triangle_tags: np.ndarray | None  # (M,) int, or None if untagged
     note: str = ""              # appended to "no tetrahedra" errors
+    tet_tags: np.ndarray | None = None  # (T,) int volume tags (gmsh physical), or None
 
 
 class _Unsupported(Exception):
@@ -115,7 +119,7 @@ def _read_meshio(path: Path, fmt: str) -> _RawMesh:
     else:
         keys = list(m.cell_data)
         tag_key = keys[0] if len(keys) == 1 else None
-    tets, tris, tags = [], [], []
+    tets, tris, tags, tet_tags = [], [], [], []
     kinds = []
     other: dict[str, int] = {}
     for i, block in enumerate(m.cells):
@@ -124,6 +128,8 @@ def _read_meshio(path: Path, fmt: str) -> _RawMesh:
             other[block.type] = other.get(block.type, 0) + len(block.data)
         if block.type == "tetra":
             tets.append(np.asarray(block.data))
+            if tag_key is not None:
+                tet_tags.append(np.asarray(m.cell_data[tag_key][i]).reshape(-1))
         elif block.type == "triangle":
             tris.append(np.asarray(block.data))
             if tag_key is not None:
@@ -142,7 +148,10 @@ def _read_meshio(path: Path, fmt: str) -> _RawMesh:
     tets_a = np.concatenate(tets) if tets else np.zeros((0, 4), dtype=np.int64)
     tris_a = np.concatenate(tris) if tris else np.zeros((0, 3), dtype=np.int64)
     tags_a = np.concatenate(tags).astype(np.int64) if tris and tag_key is not None else None
-    return _RawMesh(points, tets_a.astype(np.int64), tris_a.astype(np.int64), tags_a, note)
+    ttags = (np.concatenate(tet_tags).astype(np.int64) if tets and tag_key is not None
+             else None)
+    return _RawMesh(points, tets_a.astype(np.int64), tris_a.astype(np.int64), tags_a, note,
+                    ttags)
 
 
 def _local(tag: str) -> str:
@@ -230,6 +239,16 @@ def _read_xdmf(path: Path) -> _RawMesh:
                          "are required")
     points = _read_dataitem(_child(geom, "DataItem"), path).astype(np.float64)
     tets = _read_dataitem(_child(_child(mesh_grid, "Topology"), "DataItem"), path)
+    tet_attr = next((a for a in mesh_grid if _local(a.tag) == "Attribute"
+                     and a.get("Center", "Cell") == "Cell"), None)
+    tet_tags = None
+    if tet_attr is not None:
+        tet_tags = np.asarray(_read_dataitem(_child(tet_attr, "DataItem"), path)).reshape(-1)
+        n_tets = np.asarray(tets).size // 4
+        if tet_tags.shape[0] != n_tets or not np.all(tet_tags == np.round(tet_tags)):
+            raise InputError(source, "Attribute", f"{tet_tags.shape[0]} tetrahedron tags for "
+                             f"{n_tets} tetrahedra (integers expected)")
+        tet_tags = tet_tags.astype(np.int64)
 
     tris, tags = [], []
     tagged = True
@@ -258,4 +277,5 @@ def _read_xdmf(path: Path) -> _RawMesh:
         if not np.all(tags_a == np.round(tags_a)):
             raise InputError(source, "Attribute", "triangle tags must be integers")
         tags_a = tags_a.astype(np.int64)
-    return _RawMesh(points, np.asarray(tets, dtype=np.int64).reshape(-1, 4), tris_a, tags_a)
+    return _RawMesh(points, np.asarray(tets, dtype=np.int64).reshape(-1, 4), tris_a, tags_a,
+                    tet_tags=tet_tags)

@@ -626,3 +626,28 @@ def test_membrane_mask_lookup():
     assert np.flatnonzero(membrane_mask(t, pick, "x")).tolist() == [3, 10, 20]
     with pytest.raises(InputError, match="x: membrane_triangles: 1 membrane"):
         membrane_mask(t, np.array([[0, 1, 2]]), "x")
+
+
+def test_volume_tags_are_read(tmp_path):
+    """Reference: the tags written (compartments): the shipped gmsh file's one physical volume
+    (3 on all 384 tets); a gmsh 2.2 file and a meshio XDMF file with two volumes split at
+    x = 1.5 read back tet by tet; a file without tags gives None."""
+    import meshio
+
+    assert np.array_equal(read_grid(SHIPPED_MSH, membrane_tag=2).tet_tags, np.full(384, 3))
+    g = box_grid((0, 0, 0), (3, 2, 2), (3, 2, 2))
+    vol = np.where(g.points[g.tets].mean(axis=1)[:, 0] < 1.5, 1, 2)
+    tris = np.array(sorted(_plane_membrane(g.points, g.tets, 1.0)))
+    msh = tmp_path / "two.msh"
+    meshio.write(str(msh), meshio.Mesh(g.points, [("tetra", g.tets), ("triangle", tris)],
+                                       cell_data={"gmsh:physical": [vol, np.full(len(tris), 4)],
+                                                  "gmsh:geometrical": [vol, np.ones(len(tris))]}),
+                 file_format="gmsh22", binary=False)
+    assert np.array_equal(read_grid(msh, membrane_tag=4).tet_tags, vol)
+    xdmf = tmp_path / "two.xdmf"
+    meshio.write(str(xdmf), meshio.Mesh(g.points, [("tetra", g.tets)],
+                                        cell_data={"volume": [vol]}))
+    assert np.array_equal(read_grid(xdmf).tet_tags, vol)
+    plain = tmp_path / "plain.xdmf"
+    meshio.write(str(plain), meshio.Mesh(g.points, [("tetra", g.tets)]))
+    assert read_grid(plain).tet_tags is None
