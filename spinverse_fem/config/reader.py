@@ -30,10 +30,12 @@ from spinverse_fem.config.protocol import (
 )
 from spinverse_fem.config.schema import (
     BASES,
+    COMPARTMENT_REGIONS,
     MAX_EIGENBASIS_BYTES,
     MAX_KAPPA_UM_PER_MS,
     MAX_MEASUREMENTS_PER_SEQUENCE,
     MAX_TETRAHEDRA,
+    CompartmentConfig,
     Config,
     EigenConfig,
     FullOrderConfig,
@@ -342,6 +344,53 @@ def _physics(t: _Table) -> PhysicsConfig:
                          t.number("t2_ms", None, gt=0))
 
 
+def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
+                  physics: _Table) -> tuple[CompartmentConfig, ...]:
+    """[[compartment]] tables. On a file grid each names a volume `tag`; on a generated grid a
+    `region` of the [geometry] shape. Which cells they cover is checked once the grid exists
+    (`geometry.phantom.compartment_fields`)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise InputError(source, "compartment", "must be an array of tables: write "
+                         "[[compartment]], one per compartment")
+    for key in ("diffusivity_um2_per_ms", "t2_ms"):
+        if physics.has(key):
+            raise physics.error(key, "is set per compartment when [[compartment]] tables are "
+                                "given; remove it from [physics]")
+    out, names, keys = [], set(), set()
+    for i, c in enumerate(raw):
+        t = _Table(c, source, f"compartment[{i}]")
+        t.allow(["name", "diffusivity_um2_per_ms", "t2_ms", "tag", "region"])
+        name = t.string("name", f"compartment {i}")
+        if name in names:
+            raise t.error("name", f"duplicate compartment name {name!r}")
+        names.add(name)
+        if grid.kind == "file":
+            if t.has("region"):
+                raise t.error("region", "selects cells of a generated grid; on a file grid "
+                              "(grid.kind = 'file') name the volume physical tag with `tag`")
+            tag = t.integer("tag")
+            key = ("tag", tag)
+            region = None
+        else:
+            if t.has("tag"):
+                raise t.error("tag", f"selects cells of a file grid; grid.kind = {grid.kind!r} "
+                              "is generated: use region = \"inside\" or \"outside\"")
+            if geometry.kind in ("none", "paper", "file_tags"):
+                raise t.error("region", "needs an analytic [geometry] shape to be inside or "
+                              f"outside of, got geometry.kind = {geometry.kind!r}")
+            region = t.string("region", choices=list(COMPARTMENT_REGIONS))
+            tag = None
+            key = ("region", region)
+        if key in keys:
+            raise t.error(key[0], f"{key[0]} {key[1]!r} is already another compartment's")
+        keys.add(key)
+        out.append(CompartmentConfig(name, t.number("diffusivity_um2_per_ms", gt=0),
+                                     t.number("t2_ms", None, gt=0), tag, region))
+    return tuple(out)
+
+
 def _eigen(t: _Table) -> EigenConfig:
     t.allow(["length_scale_um", "max_modes", "num_modes", "tolerance"])
     max_modes = t.integer("max_modes", 500, ge=1)
@@ -584,6 +633,7 @@ _SECTIONS = [
     "geometry",
     "permeability",
     "physics",
+    "compartment",
     "eigen",
     "full_order",
     "sequence",
@@ -622,7 +672,9 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
     geo_t = table("geometry")
     geometry = _geometry(geo_t, base, grid) if geo_t else GeometryConfig("none")
     permeability = _permeability(table("permeability", required=True))
-    physics = _physics(table("physics") or empty("physics"))
+    physics_t = table("physics") or empty("physics")
+    physics = _physics(physics_t)
+    compartments = _compartments(data.get("compartment"), source, grid, geometry, physics_t)
     eigen = _eigen(table("eigen") or empty("eigen"))
     full_order = _full_order(table("full_order") or empty("full_order"))
 
@@ -673,6 +725,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
         sequences=tuple(sequences),
         inversion=inversion,
         target=target,
+        compartments=compartments,
         input_files=tuple(files),
     )
 

@@ -129,6 +129,23 @@ class PhysicsConfig:
     t2_ms: float | None = None
 
 
+COMPARTMENT_REGIONS = ("inside", "outside")
+
+
+@dataclass(frozen=True)
+class CompartmentConfig:
+    """[[compartment]]: a tissue compartment with its own diffusivity (um^2/ms) and T2 (ms;
+    None = no relaxation), selected on a file grid by a volume physical `tag` and on a
+    generated grid by `region` "inside" / "outside" the [geometry] shape (the same inside rule
+    as the ground-truth membrane)."""
+
+    name: str
+    diffusivity_um2_per_ms: float
+    t2_ms: float | None = None
+    tag: int | None = None
+    region: str | None = None
+
+
 @dataclass(frozen=True)
 class EigenConfig:
     """[eigen]: keep modes with lambda <= D pi^2 / length_scale_um^2, at most max_modes;
@@ -233,6 +250,7 @@ class Config:
     sequences: tuple[Sequence, ...]
     inversion: InversionConfig
     target: TargetConfig | None
+    compartments: tuple[CompartmentConfig, ...] = ()
     # every file the configuration itself reads (grid, ground truth, protocol files), as
     # (field, path) pairs; the [target] file is not among them (only some commands read it)
     input_files: tuple[tuple[str, Path], ...] = ()

@@ -30,11 +30,13 @@ class BlochTorreyOperators:
     space: FaceSpace
     diffusivity_um2_per_ms: float or (T,) per-tetrahedron values (input tet order)
     outer: "neumann" (sealed box) or "robin" (kappa_f u v on outer faces, kappa learnable)
-    t2_ms: optional T2 relaxation time (ms)
+    t2_ms: optional T2 relaxation time (ms), or
+    relaxation_per_ms: 1/T2 in 1/ms, one value or (T,) per tetrahedron (input tet order;
+    compartments), instead of t2_ms
     """
 
     def __init__(self, space: FaceSpace, diffusivity_um2_per_ms, outer: str = "neumann",
-                 t2_ms: float | None = None):
+                 t2_ms: float | None = None, relaxation_per_ms=None):
         if outer not in OUTER_CONDITIONS:
             raise ValueError(f"outer must be one of {OUTER_CONDITIONS}, got {outer!r}")
         self.space = space
@@ -45,7 +47,8 @@ class BlochTorreyOperators:
         self.dS = ufl.Measure("dS", domain=msh)
         self.ds = ufl.Measure("ds", domain=msh)
         u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
-        self.diffusivity = self._diffusivity_coefficient(diffusivity_um2_per_ms)
+        self.diffusivity = self._cell_coefficient(diffusivity_um2_per_ms,
+                                                  "diffusivity_um2_per_ms")
         self.kappa = fem.Function(space.Q, name="kappa_um_per_ms")
 
         self.M = self._assemble(bt.mass(u, v, self.dx))
@@ -54,8 +57,13 @@ class BlochTorreyOperators:
              + bt.face_coupling(u, v, self.kappa, self.dS))
         if outer == "robin":
             a = a + bt.robin_sink(u, v, self.kappa, self.ds)
+        if t2_ms is not None and relaxation_per_ms is not None:
+            raise ValueError("give t2_ms or relaxation_per_ms, not both")
         if t2_ms is not None:
-            a = a + bt.relaxation(u, v, fem.Constant(msh, 1.0 / float(t2_ms)), self.dx)
+            relaxation_per_ms = 1.0 / float(t2_ms)
+        if relaxation_per_ms is not None:
+            rate = self._cell_coefficient(relaxation_per_ms, "relaxation_per_ms")
+            a = a + bt.relaxation(u, v, rate, self.dx)
         self._a_L = fem.form(a, entity_maps=[space.entity_map])
         self.L = fem_petsc.create_matrix(self._a_L)
         self.L.setOption(PETSc.Mat.Option.SYMMETRIC, True)
@@ -65,12 +73,13 @@ class BlochTorreyOperators:
         self.M.mult(ones, self.mass_ones)
         self._kappa_values: np.ndarray | None = None
 
-    def _diffusivity_coefficient(self, d):
+    def _cell_coefficient(self, d, name: str):
+        """A constant, or a DG0 function from per-tetrahedron values (input tet order)."""
         d = np.asarray(d, dtype=np.float64)
         if d.ndim == 0:
             return fem.Constant(self.space.mesh, float(d))
         Vd = fem.functionspace(self.space.mesh, ("DG", 0))
-        f = fem.Function(Vd, name="diffusivity_um2_per_ms")
+        f = fem.Function(Vd, name=name)
         cmap = self.space.mesh.topology.index_map(3)
         cells = np.arange(cmap.size_local + cmap.num_ghosts, dtype=np.int32)
         original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]

@@ -23,8 +23,10 @@ from spinverse_fem.geometry.phantom import Phantom
 class ForwardModel:
     """Owns the distributed discretisation of one phantom and evaluates signals for any kappa.
 
-    comm: communicator; phantom: grid, faces and outer condition; physics: D (um^2/ms), T2;
-    eigen: the mode-count rule (length scale l in um, cap, or a fixed count).
+    comm: communicator; phantom: grid, faces, outer condition, D and 1/T2 (from [physics] or
+    per tetrahedron from [[compartment]]); physics: [physics] (kept for reference; the phantom's
+    values are used); eigen: the mode-count rule (length scale l in um, cap, or a fixed
+    count).
     """
 
     def __init__(self, comm: MPI.Comm, phantom: Phantom, physics: PhysicsConfig,
@@ -34,11 +36,15 @@ class ForwardModel:
         self.physics = physics
         self.eigen = eigen
         self.space = create_face_space(comm, phantom.grid.points, phantom.grid.tets)
-        self.ops = BlochTorreyOperators(self.space, physics.diffusivity_um2_per_ms,
-                                        outer=phantom.outer, t2_ms=physics.t2_ms)
-        self.lam_max = cutoff_eigenvalue(physics.diffusivity_um2_per_ms, eigen.length_scale_um)
-        if physics.t2_ms is not None:
-            self.lam_max += 1.0 / physics.t2_ms  # relaxation shifts the whole spectrum
+        # D and 1/T2 from the phantom: [physics], or per tetrahedron from [[compartment]]
+        self.ops = BlochTorreyOperators(self.space, phantom.diffusivity, outer=phantom.outer,
+                                        relaxation_per_ms=phantom.relaxation)
+        # the cutoff of the fastest compartment (more modes, never fewer than any one needs)
+        self.lam_max = cutoff_eigenvalue(float(np.max(phantom.diffusivity)),
+                                         eigen.length_scale_um)
+        if phantom.relaxation is not None:
+            # relaxation shifts the spectrum by between its smallest and largest rate
+            self.lam_max += float(np.max(phantom.relaxation))
 
     def eigenbasis(self, kappa: np.ndarray, num_modes: int | None = None) -> Eigenbasis:
         """Eigenpairs for face permeabilities kappa (F,) um/ms (collective)."""

@@ -20,13 +20,19 @@ from spinverse_fem.meshes.grid import Grid, membrane_mask
 @dataclass(frozen=True)
 class Phantom:
     """grid; faces (canonical table); membrane (F,) bool ground truth; kappa (F,) um/ms;
-    outer: "neumann" | "robin"; active (F,) bool: faces whose kappa enters the model."""
+    outer: "neumann" | "robin"; active (F,) bool: faces whose kappa enters the model;
+    diffusivity: um^2/ms, one value or (T,) per tetrahedron; relaxation: (T,) 1/T2 in 1/ms per
+    tetrahedron, one value, or None (no relaxation); compartment: (T,) index into
+    cfg.compartments, or None without [[compartment]] tables."""
 
     grid: Grid
     faces: FaceTable
     membrane: np.ndarray
     kappa: np.ndarray
     outer: str
+    diffusivity: float | np.ndarray = 2.0
+    relaxation: float | np.ndarray | None = None
+    compartment: np.ndarray | None = None
 
     @property
     def active(self) -> np.ndarray:
@@ -108,6 +114,49 @@ def permeability_field(cfg: PermeabilityConfig, faces: FaceTable,
     return kappa
 
 
+def compartment_fields(cfg: Config, grid: Grid):
+    """(compartment (T,) int, diffusivity (T,) um^2/ms, relaxation (T,) 1/ms or None) of the
+    [[compartment]] tables on `grid`. InputError naming the table and field for a tag that no
+    tetrahedron carries, and for tetrahedra in no compartment."""
+    comps = cfg.compartments
+    index = np.full(grid.num_tets, -1, dtype=np.int64)
+    if cfg.grid.kind == "file":
+        src = str(cfg.grid.path)
+        if grid.tet_tags is None:
+            raise InputError(src, "cells", "the [[compartment]] tables select tetrahedra by "
+                             "volume tag, but the file's tetrahedra carry no tags (gmsh: "
+                             "physical volumes)")
+        present = np.unique(grid.tet_tags).tolist()
+        for i, c in enumerate(comps):
+            sel = grid.tet_tags == c.tag
+            if not sel.any():
+                raise InputError(cfg.source, f"compartment[{i}].tag",
+                                 f"no tetrahedron of {src} is tagged {c.tag} (volume tags "
+                                 f"present: {present})")
+            index[sel] = i
+        if np.any(index < 0):
+            missing = np.unique(grid.tet_tags[index < 0]).tolist()
+            raise InputError(cfg.source, "compartment",
+                             f"{int(np.sum(index < 0))} tetrahedra of {src} are in no "
+                             f"compartment (volume tags {missing}); add a [[compartment]] "
+                             "for each")
+    else:
+        inside = shapes.inside_tets(grid, geometry_shape(cfg.geometry),
+                                    rule=cfg.geometry.inside_rule)
+        for i, c in enumerate(comps):
+            index[inside if c.region == "inside" else ~inside] = i
+        if np.any(index < 0):
+            other = "outside" if comps[0].region == "inside" else "inside"
+            raise InputError(cfg.source, "compartment",
+                             f"{int(np.sum(index < 0))} tetrahedra lie {other} the "
+                             f"{cfg.geometry.kind} and in no compartment; add a "
+                             f"[[compartment]] with region = \"{other}\"")
+    D = np.array([c.diffusivity_um2_per_ms for c in comps])[index]
+    rates = [0.0 if c.t2_ms is None else 1.0 / c.t2_ms for c in comps]
+    relax = np.array(rates)[index] if any(rates) else None
+    return index, D, relax
+
+
 def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
     grid = build_grid(cfg.grid, cfg.source, refinement)
     if cfg.grid.kind == "file":
@@ -117,5 +166,11 @@ def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
     faces = build_face_table(grid.tets, grid.num_vertices)
     membrane = membrane_faces(cfg, grid, faces)
     kappa = permeability_field(cfg.permeability, faces, membrane)
+    phys = cfg.physics
+    fields = dict(diffusivity=phys.diffusivity_um2_per_ms,
+                  relaxation=None if phys.t2_ms is None else 1.0 / phys.t2_ms)
+    if cfg.compartments:
+        index, D, relax = compartment_fields(cfg, grid)
+        fields = dict(diffusivity=D, relaxation=relax, compartment=index)
     return Phantom(grid=grid, faces=faces, membrane=membrane, kappa=kappa,
-                   outer=cfg.permeability.outer)
+                   outer=cfg.permeability.outer, **fields)

@@ -8,8 +8,10 @@ Geometry: layers i = 1..L occupy r_{i-1} < r < r_i (r_0 = 0), each with its diff
 D_i (um^2/ms), relaxation time T2_i (ms, inf = none) and initial spin density rho_i; the
 interface r = r_i (i < L) has permeability kappa_i (um/ms); the outer surface r = r_L is
 impermeable. Sphere: d = 3; cylinder: d = 2 (an infinite or Neumann-capped cylinder with the
-gradient perpendicular to its axis: the problem is the disk's). Per layer, with the
-gradient along the unit direction x (PGSE, or any piecewise-constant waveform f(t)):
+gradient perpendicular to its axis: the problem is the disk's); planar layers: d = 1 (slabs
+0 < x < r_L stacked along x, the gradient along x; r is x and there are no angular orders).
+Per layer, with the gradient along the unit direction x (PGSE, or any piecewise-constant
+waveform f(t)):
 
     dm/dt = div(D_i grad m) - m / T2_i - i q f(t) x m,    m(r, 0) = rho_i,
     D_i dm/dr = D_{i+1} dm/dr = -kappa_i (m_i - m_{i+1})   at r = r_i,
@@ -61,8 +63,8 @@ class Layers:
         L = len(self.radii)
         if len(self.D) != L or len(self.kappa) != L - 1:
             raise ValueError("need len(D) = len(radii) and len(kappa) = len(radii) - 1")
-        if self.dim not in (2, 3):
-            raise ValueError("dim must be 2 (cylinder) or 3 (sphere)")
+        if self.dim not in (1, 2, 3):
+            raise ValueError("dim must be 1 (planar layers), 2 (cylinder) or 3 (sphere)")
 
     @property
     def t2(self) -> np.ndarray:
@@ -92,6 +94,8 @@ def radial_modes(layers: Layers, order: int, num: int, per_layer: int = 2000):
     """The lowest `num` eigenpairs of angular order `order`: (lam (num,) 1/ms, R (nodes, num)
     M-orthonormal nodal values, nodes (nodes,) um, mass (nodes,) lumped weights)."""
     d = layers.dim
+    if d == 1 and order != 0:
+        raise ValueError("planar layers (dim 1) have no angular orders")
     c = order * (order + 1) if d == 3 else order**2
     t2 = layers.t2
     nodes, diag, off, mass = [], [], [], []
@@ -156,7 +160,13 @@ def _angular(dim: int, order: int) -> float:
 
 def matrix_formalism(layers: Layers, orders: int = 12, modes: int = 30, per_layer: int = 2000):
     """(lam (K,), W (K, K), nu0 (K,), a (K,)): the reduced system over angular orders
-    0..orders-1 with `modes` radial modes each (units: 1/ms, um, um^{d/2}, um^{d/2})."""
+    0..orders-1 with `modes` radial modes each (units: 1/ms, um, um^{d/2}, um^{d/2}). Planar
+    layers (dim 1): one block, W = int R R x dx (the gradient along x)."""
+    if layers.dim == 1:
+        lam, R, x, M = radial_modes(layers, 0, modes, per_layer)
+        W = (R.T * (M * x)) @ R
+        rho = np.repeat(layers.rho_values, per_layer + 1)
+        return lam, 0.5 * (W + W.T), R.T @ (M * rho), R.T @ M
     blocks = [radial_modes(layers, o, modes, per_layer) for o in range(orders)]
     lam = np.concatenate([b[0] for b in blocks])
     K = lam.size
