@@ -38,13 +38,12 @@ against the steps since the refresh).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from harness import machine_info, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -151,17 +150,10 @@ def main() -> int:
     report = dict(description=__doc__.split("\n\n")[0], config=str(Path(a.config).name),
                   path=str(Path(a.path).relative_to(ROOT)) if Path(a.path).is_relative_to(ROOT)
                   else a.path,
-                  machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                               omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                               ranks=comm.size, loadavg_end=list(os.getloadavg())),
+                  machine=machine_info(comm.size),
                   seconds=round(time.perf_counter() - t_all, 1),
                   summary_by_steps_since_refresh=summary, points=rows)
-    if comm.rank == 0:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        plot(rows, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png').name}")
+    write_report(comm, a.out, report, plot, rows)
     return 0
 
 

@@ -50,3 +50,24 @@ def wait_for_quiet(max_load: float, wait_s: int, force: bool) -> tuple[bool, tup
     load = os.getloadavg()
     return force or load[0] < max_load, load
 
+
+
+def machine_info(ranks: int) -> dict:
+    """What a benchmark's figures depend on besides the code: platform, cores, BLAS threads,
+    ranks and the load average when it ended."""
+    import platform
+
+    return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), ranks=ranks,
+                loadavg_end=list(os.getloadavg()))
+
+
+def write_report(comm, out, report: dict, plot, rows) -> None:
+    """Rank 0 writes the JSON report to `out` and `plot(rows, <out>.png)` beside it."""
+    if comm.rank != 0:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png').name}")

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from harness import machine_info, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -114,16 +113,9 @@ def main() -> int:
                     f"dS {row['signal_max_diff']:.2e}  J {J:.3e} (dJ {row['misfit_diff']:.1e})  "
                     f"cos {row['gradient_cosine']:.5f}  {sec:.1f} s", flush=True)
     report = dict(description=__doc__.split("\n\n")[0],
-                  machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                               omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                               ranks=comm.size, loadavg_end=list(os.getloadavg())),
+                  machine=machine_info(comm.size),
                   seconds=round(time.perf_counter() - t_all, 1), rows=rows)
-    if comm.rank == 0:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        plot(rows, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png').name}")
+    write_report(comm, a.out, report, plot, rows)
     return 0
 
 

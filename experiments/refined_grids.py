@@ -141,7 +141,8 @@ def table(runs: list[dict]) -> str:
     for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
         m = r["metrics"]
         its = r["iterations"]
-        rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["ranks"], fmt(m.get("cd_l2")),
+        rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["settings"]["max_modes"],
+                     r["ranks"], fmt(m.get("cd_l2")),
                      fmt(r["scores"].get("cd_l2_target_grid")),
                      fmt(r["scores"].get("cd_l2_analytic")),
                      fmt(r["scores"].get("cd_l2_grid_truth_vs_analytic")),
@@ -150,7 +151,7 @@ def table(runs: list[dict]) -> str:
                      " ".join(str(k) for k in r["modes"]),
                      " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
                                 if not k.startswith("refine1/")) or "-"])
-    return markdown_table(["shape", "n", "tets", "basis", "ranks", "CD-L2 (um^2)",
+    return markdown_table(["shape", "n", "tets", "basis", "mode cap", "ranks", "CD-L2 (um^2)",
                            "CD-L2 to the target grid's truth", "CD-L2 to the analytic surface",
                            "(the grid's truth to the analytic surface)", "BadEdge %", "IoU",
                            "iterations", "wall", "s / iteration", "modes per stage",
@@ -163,7 +164,7 @@ def _saved(path: Path) -> dict:
     from spinverse_fem.geometry.phantom import build_grid
 
     r = json.loads(path.read_text())
-    shape, n, suffix = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?", path.stem).groups()
+    shape, n, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?", path.stem).groups()
     cfg = parse_config(r["config"], source=path.name)
     basis = (f"frozen, refresh every {cfg.inversion.basis_refresh_every}"
              if cfg.inversion.basis == "frozen" else "eigen")
@@ -190,10 +191,12 @@ def report(out: Path) -> None:
     atomic_write_text(out / "refined_grids.md", text)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for shape, basis in sorted({(r["shape"], r["basis"].split(",")[0]) for r in runs}):
-        rs = sorted((r for r in runs if r["shape"] == shape
-                     and r["basis"].split(",")[0] == basis), key=lambda r: r["n"])
-        shape = f"{shape} ({basis})"
+    def kind(r):
+        return r["shape"], r["basis"].split(",")[0], r["settings"]["max_modes"]
+
+    for shape, basis, cap in sorted({kind(r) for r in runs}):
+        rs = sorted((r for r in runs if kind(r) == (shape, basis, cap)), key=lambda r: r["n"])
+        shape = f"{shape} ({basis}, K <= {cap})"
         ns = [r["n"] for r in rs]
         axes[0].plot(ns, [r["metrics"]["cd_l2"] for r in rs], "o-", label=shape)
         axes[1].plot(ns, [r["metrics"]["bad_edge_pct"] for r in rs], "o-", label=shape)
@@ -234,8 +237,9 @@ def main(argv=None) -> int:
     folder = a.out / "refined_grids"
     for shape in a.shapes:
         for n in a.sizes:
-            label = f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
-                                       else "")
+            label = (f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
+                                        else "")
+                     + (f"_K{a.max_modes}" if a.max_modes != 120 else ""))
             say(comm, f"== {label}")
             res = cached_run(comm, folder / f"{label}.json",
                              config_text(shape, n, settings, a.refine, a.basis,

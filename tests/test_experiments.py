@@ -130,13 +130,13 @@ def test_refined_grids_tiny(comm, out):
     assert refined_grids.main([*args, "--basis", "frozen", "--refresh-every", "2"]) == 0
     if comm.rank == 0:
         md = (out / "refined_grids.md").read_text()
-        assert f"| sphere | 4 | 576 | eigen | {comm.size} |" in md, md
-        assert f"| sphere | 4 | 576 | frozen, refresh every 2 | {comm.size} |" in md, md
+        assert f"| sphere | 4 | 576 | eigen | 80 | {comm.size} |" in md, md
+        assert f"| sphere | 4 | 576 | frozen, refresh every 2 | 80 | {comm.size} |" in md, md
         # the scores against the target grid's truth and the analytic surface
-        sc = json.loads((out / "refined_grids" / "sphere_n4.scores.json").read_text())
+        sc = json.loads((out / "refined_grids" / "sphere_n4_K80.scores.json").read_text())
         assert all(np.isfinite(v) and v >= 0 for v in sc.values()), sc
         assert sc["cd_l2_grid_truth_vs_analytic"] > 0.1      # the staircase is not the sphere
-        r = json.loads((out / "refined_grids" / "sphere_n4.json").read_text())
+        r = json.loads((out / "refined_grids" / "sphere_n4_K80.json").read_text())
         assert "grid_refinement = 2" in r["config"] and r["iterations"] == 3
         assert np.isfinite(r["metrics"]["cd_l2"])
         assert (out / "refined_grids.png").stat().st_size > 10_000
