@@ -43,7 +43,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness import machine_info, write_report
+from harness import machine_info, pyplot, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -158,12 +158,7 @@ def main() -> int:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     for i0 in sorted({r["start"] for r in rows}):
         sel = [r for r in rows if r["start"] == i0 and r["steps"] > 0]
@@ -183,7 +178,6 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    del np
 
 
 if __name__ == "__main__":

@@ -71,3 +71,13 @@ def write_report(comm, out, report: dict, plot, rows) -> None:
     out.write_text(json.dumps(report, indent=2))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

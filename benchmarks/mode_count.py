@@ -36,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-from harness import machine_info, write_report
+from harness import machine_info, pyplot, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -120,11 +120,7 @@ def main() -> int:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for n in sorted({r["n"] for r in rows}):
         for point, ls in (("start", "o-"), ("mid", "s--"), ("truth", "^:"), ("open", "d-.")):
