@@ -177,6 +177,8 @@ class Grid:
     membrane_triangles: (M, 3) int64 vertex triples of membrane faces tagged in a file, or None.
     source:             where the grid came from (file path or generator call), used in errors.
     tet_tags:           (T,) int64 volume tags of the tets (a file's physical volumes), or None.
+    membrane_tags:      (M,) int64 surface tag of each membrane triangle (several membranes of
+                        a file), or None.
 
     Construction validates the arrays (see `validate_grid`) and stores float64 / int64 copies.
     """
@@ -186,6 +188,7 @@ class Grid:
     membrane_triangles: np.ndarray | None = None
     source: str = "<grid>"
     tet_tags: np.ndarray | None = None
+    membrane_tags: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate_grid(self.points, self.tets, self.source, self.membrane_triangles)
@@ -200,6 +203,13 @@ class Grid:
                 raise ValueError(f"{self.source}: tet_tags has shape {tags.shape}, expected "
                                  f"({self.tets.shape[0]},)")
             object.__setattr__(self, "tet_tags", np.ascontiguousarray(tags, dtype=np.int64))
+        if self.membrane_tags is not None:
+            tags = np.asarray(self.membrane_tags)
+            m = -1 if self.membrane_triangles is None else self.membrane_triangles.shape[0]
+            if tags.shape != (m,):
+                raise ValueError(f"{self.source}: membrane_tags has shape {tags.shape}, "
+                                 f"expected ({m},)")
+            object.__setattr__(self, "membrane_tags", np.ascontiguousarray(tags, dtype=np.int64))
 
     @property
     def num_vertices(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +30,20 @@ _HIGHER_ORDER_TETS = ("tetra10", "tetra20", "tetra35", "tetra56")
 _IGNORED_CELLS = ("vertex", "line", "line3")
 
 
-def read_grid(path, membrane_tag: int | None = None) -> Grid:
-    """Grid from a .msh (gmsh) or .xdmf file; coordinates are taken to be in um.
+def read_grid(path, membrane_tag: int | Sequence[int] | None = None,
+              unit_um: float = 1.0, tag_fields: Sequence[str] | None = None) -> Grid:
+    """Grid from a .msh (gmsh) or .xdmf file; coordinates are multiplied by `unit_um` (the
+    length of one file unit in um: 1 for a mesh drawn in um, 1000 for one in mm).
 
     Tetrahedra: all linear tetra cells, with their volume tags (gmsh physical tags, or an XDMF
     cell attribute of the tetrahedral grid) in tet_tags when the file has them (compartments).
-    membrane_triangles: the triangle cells whose tag
-    (gmsh physical tag, or the XDMF facet meshtags value) equals membrane_tag; all triangles
-    when membrane_tag is None (None if the file has no triangles). Raises InputError naming
-    the file for a missing file, an unknown extension, no tetrahedra, an absent membrane tag,
-    or any grid defect found by validate_grid.
+    membrane_triangles: the triangle cells whose tag (gmsh physical tag, or the XDMF facet
+    meshtags value) is membrane_tag, or one of them for a sequence of tags (then
+    membrane_tags holds each triangle's tag); all triangles when membrane_tag is None (None if
+    the file has no triangles). Raises InputError naming the file for a missing file, an
+    unknown extension, no tetrahedra, an absent membrane tag, or any grid defect found by
+    validate_grid; `tag_fields` names each of a sequence of tags in those errors (the config
+    field it came from; default "membrane_tag").
     """
     p = Path(path)
     source = str(p)
@@ -61,21 +66,28 @@ def read_grid(path, membrane_tag: int | None = None) -> Grid:
     if mesh.tets.shape[0] > MAX_TETRAHEDRA:
         raise InputError(source, "cells", f"{mesh.tets.shape[0]} tetrahedra; at most "
                          f"{MAX_TETRAHEDRA} fit in memory (every rank holds the whole grid)")
-    triangles = mesh.triangles
+    triangles, tags = mesh.triangles, None
     if membrane_tag is not None:
+        wanted = ([int(membrane_tag)] if np.ndim(membrane_tag) == 0
+                  else [int(t) for t in membrane_tag])
         if mesh.triangle_tags is None:
-            raise InputError(source, "membrane_tag", f"membrane_tag {membrane_tag} given but "
+            raise InputError(source, "membrane_tag", f"membrane tag(s) {wanted} given but "
                              "the triangles carry no tags")
-        sel = mesh.triangle_tags == int(membrane_tag)
-        if not np.any(sel):
-            present = np.unique(mesh.triangle_tags).tolist()
-            raise InputError(source, "membrane_tag", f"no triangles tagged {membrane_tag} "
-                             f"(tags present: {present})")
+        present = np.unique(mesh.triangle_tags).tolist()
+        for k, tag in enumerate(wanted):
+            if not np.any(mesh.triangle_tags == tag):
+                field = tag_fields[k] if tag_fields else "membrane_tag"
+                raise InputError(source, field, f"no triangles tagged {tag} "
+                                 f"(tags present: {present})")
+        sel = np.isin(mesh.triangle_tags, wanted)
         triangles = triangles[sel]
+        if np.ndim(membrane_tag) != 0:
+            tags = mesh.triangle_tags[sel]
     elif triangles.shape[0] == 0:
         triangles = None
-    return Grid(points=mesh.points, tets=mesh.tets, membrane_triangles=triangles, source=source,
-                tet_tags=mesh.tet_tags)
+    return Grid(points=mesh.points * float(unit_um), tets=mesh.tets,
+                membrane_triangles=triangles, source=source, tet_tags=mesh.tet_tags,
+                membrane_tags=tags)
 
 
 @dataclass(frozen=True)

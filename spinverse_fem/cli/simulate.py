@@ -35,6 +35,10 @@ def cmd_simulate(args) -> int:
     say(comm, f"grid: {problem.grid.num_tets} tetrahedra, {problem.faces.num_faces} faces; "
               f"membrane: {n_in} interior + {n_out} outer faces; outer = {problem.outer}; "
               f"{comm.size} rank(s)")
+    from spinverse_fem.geometry.phantom import tissue_summary
+
+    for line in tissue_summary(cfg, problem):
+        say(comm, "  " + line)
     if args.model == "full":
         from spinverse_fem.forward.full_order import FullOrderModel
 

@@ -42,6 +42,7 @@ from spinverse_fem.config.schema import (
     GeometryConfig,
     GridConfig,
     InversionConfig,
+    MembraneConfig,
     PermeabilityConfig,
     PhysicsConfig,
     Stage,
@@ -205,7 +206,7 @@ def _vector3(v, source, field) -> tuple[float, float, float]:
 _GRID_KEYS = {
     "bcc": ["cubes", "cube_um", "center_um"],
     "box": ["lower_um", "upper_um", "cells"],
-    "file": ["path", "membrane_tag"],
+    "file": ["path", "membrane_tag", "unit_um"],
 }
 
 
@@ -231,7 +232,8 @@ def _grid(t: _Table, base: Path) -> GridConfig:
         cells = tuple(_integer(c, t.source, f"{t.field('cells')}[{i}]", ge=1)
                       for i, c in enumerate(cells))
         return GridConfig(kind, lower_um=lo, upper_um=hi, cells=cells)
-    return GridConfig(kind, path=t.path("path", base), membrane_tag=t.integer("membrane_tag", None))
+    return GridConfig(kind, path=t.path("path", base), membrane_tag=t.integer("membrane_tag", None),
+                      unit_um=t.number("unit_um", 1.0, gt=0))
 
 
 _GEOMETRY_KEYS = {
@@ -251,12 +253,12 @@ INSIDE_RULES = ("vertices", "centroid")
 _ANALYTIC_KINDS = ("plane", "sphere", "cylinder", "torus", "bent_axon", "two_axons")
 
 
-def _geometry(t: _Table, base: Path, grid: GridConfig) -> GeometryConfig:
+def _geometry(t: _Table, base: Path, grid: GridConfig, membranes: bool) -> GeometryConfig:
     kind = t.string("kind", choices=list(_GEOMETRY_KEYS))
     analytic = kind in _ANALYTIC_KINDS
     t.allow(["kind", *_GEOMETRY_KEYS[kind], *(["inside_rule"] if analytic else [])],
             f" for kind {kind!r}")
-    geo = _geometry_fields(t, kind, base, grid)
+    geo = _geometry_fields(t, kind, base, grid, membranes)
     if grid.membrane_tag is not None and kind != "file_tags":
         raise InputError(t.source, "grid.membrane_tag",
                          f"is used only with geometry.kind = 'file_tags' (the membrane taken "
@@ -268,7 +270,8 @@ def _geometry(t: _Table, base: Path, grid: GridConfig) -> GeometryConfig:
     return geo
 
 
-def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> GeometryConfig:
+def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig,
+                     membranes: bool) -> GeometryConfig:
     origin = (0.0, 0.0, 0.0)
     if kind == "plane":
         return GeometryConfig(kind, axis=t.unit_axis("axis"), position_um=t.number("position_um"))
@@ -318,20 +321,24 @@ def _geometry_fields(t: _Table, kind: str, base: Path, grid: GridConfig) -> Geom
         return GeometryConfig(kind, path=t.path("path", base))
     if kind == "file_tags" and grid.kind != "file":
         raise t.error("kind", f"'file_tags' needs grid.kind = 'file', got {grid.kind!r}")
-    if kind == "file_tags" and grid.membrane_tag is None:
+    if kind == "file_tags" and grid.membrane_tag is None and not membranes:
         # without it every tagged triangle, the outer boundary's included, would be membrane
         raise InputError(t.source, "grid.membrane_tag",
                          "missing: geometry.kind = 'file_tags' takes the membrane from the "
-                         "triangles of one physical surface; name its tag (the outer "
-                         "boundary's triangles must not be membrane)")
+                         "triangles of one physical surface; name its tag (or give one "
+                         "[[membrane]] table per membrane surface; the outer boundary's "
+                         "triangles must not be membrane)")
     return GeometryConfig(kind)
 
 
-def _permeability(t: _Table) -> PermeabilityConfig:
+def _permeability(t: _Table, membranes: bool) -> PermeabilityConfig:
     t.allow(["barrier_um_per_ms", "open_um_per_ms", "outer"])
-    barrier = t.kappa("barrier_um_per_ms", ge=0)
+    if membranes and t.has("barrier_um_per_ms"):
+        raise t.error("barrier_um_per_ms", "is set per membrane (kappa_um_per_ms) when "
+                      "[[membrane]] tables are given; remove it from [permeability]")
+    barrier = None if membranes else t.kappa("barrier_um_per_ms", ge=0)
     open_ = t.kappa("open_um_per_ms", gt=0)
-    if barrier > open_:
+    if barrier is not None and barrier > open_:
         raise t.error("barrier_um_per_ms",
                       f"must be <= open_um_per_ms ({open_:g}), got {barrier:g}")
     return PermeabilityConfig(barrier, open_,
@@ -388,6 +395,42 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
         keys.add(key)
         out.append(CompartmentConfig(name, t.number("diffusivity_um2_per_ms", gt=0),
                                      t.number("t2_ms", None, gt=0), tag, region))
+    return tuple(out)
+
+
+def _membranes(raw, source: str, grid: GridConfig,
+               permeability: PermeabilityConfig) -> tuple[MembraneConfig, ...]:
+    """[[membrane]] tables: surface physical tags of a file grid, each with its permeability.
+    That every tag is in the mesh is checked when the grid is read."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise InputError(source, "membrane", "must be an array of tables: write [[membrane]], "
+                         "one per membrane surface")
+    if grid.kind != "file":
+        raise InputError(source, "membrane", "[[membrane]] tables select tagged triangles of a "
+                         f"mesh file (grid.kind = 'file'), got grid.kind = {grid.kind!r}; a "
+                         "generated grid takes its membrane from [geometry]")
+    if grid.membrane_tag is not None:
+        raise InputError(source, "grid.membrane_tag", "not allowed together with [[membrane]] "
+                         "tables: give the tag in a [[membrane]] table instead")
+    out, names, tags = [], set(), set()
+    for i, m in enumerate(raw):
+        t = _Table(m, source, f"membrane[{i}]")
+        t.allow(["name", "tag", "kappa_um_per_ms"])
+        name = t.string("name", f"membrane {i}")
+        if name in names:
+            raise t.error("name", f"duplicate membrane name {name!r}")
+        names.add(name)
+        tag = t.integer("tag")
+        if tag in tags:
+            raise t.error("tag", f"tag {tag} is already another membrane's")
+        tags.add(tag)
+        kappa = t.kappa("kappa_um_per_ms", ge=0)
+        if kappa > permeability.open_um_per_ms:
+            raise t.error("kappa_um_per_ms", f"must be <= permeability.open_um_per_ms "
+                          f"({permeability.open_um_per_ms:g}), got {kappa:g}")
+        out.append(MembraneConfig(name, tag, kappa))
     return tuple(out)
 
 
@@ -634,6 +677,7 @@ _SECTIONS = [
     "permeability",
     "physics",
     "compartment",
+    "membrane",
     "eigen",
     "full_order",
     "sequence",
@@ -669,9 +713,15 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
 
     empty = lambda name: _Table({}, source, name)  # noqa: E731
     grid = _grid(table("grid", required=True), base)
+    has_membranes = data.get("membrane") is not None
     geo_t = table("geometry")
-    geometry = _geometry(geo_t, base, grid) if geo_t else GeometryConfig("none")
-    permeability = _permeability(table("permeability", required=True))
+    geometry = _geometry(geo_t, base, grid, has_membranes) if geo_t else GeometryConfig("none")
+    if has_membranes and geometry.kind != "file_tags":
+        raise InputError(source, "geometry.kind", "[[membrane]] tables take the membranes from "
+                         "the mesh file: set geometry.kind = 'file_tags', got "
+                         f"{geometry.kind!r}")
+    permeability = _permeability(table("permeability", required=True), has_membranes)
+    membranes = _membranes(data.get("membrane"), source, grid, permeability)
     physics_t = table("physics") or empty("physics")
     physics = _physics(physics_t)
     compartments = _compartments(data.get("compartment"), source, grid, geometry, physics_t)
@@ -726,6 +776,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
         inversion=inversion,
         target=target,
         compartments=compartments,
+        membranes=membranes,
         input_files=tuple(files),
     )
 

@@ -65,7 +65,8 @@ def eigenbasis_bytes(num_tets: int, modes: int) -> int:
 class GridConfig:
     """[grid]. kind "bcc": `cubes` (>= 2) cubes of side `cube_um` per axis centred at
     `center_um` (the paper's grid); "box": structured box [lower_um, upper_um] with `cells`
-    (nx, ny, nz); "file": tetrahedral grid read from `path`, optional `membrane_tag`."""
+    (nx, ny, nz); "file": tetrahedral grid read from `path`, optional `membrane_tag`, and
+    `unit_um`, the length of one coordinate unit of the file in um (1000 for a mesh in mm)."""
 
     kind: str
     cubes: int | None = None
@@ -76,6 +77,7 @@ class GridConfig:
     cells: tuple[int, int, int] | None = None
     path: Path | None = None
     membrane_tag: int | None = None
+    unit_um: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,10 @@ class GeometryConfig:
 @dataclass(frozen=True)
 class PermeabilityConfig:
     """[permeability] in um/ms. outer = "neumann" (no flux through the grid boundary) or
-    "robin" (outer faces get open_um_per_ms unless they are membrane faces)."""
+    "robin" (outer faces get open_um_per_ms unless they are membrane faces). barrier_um_per_ms
+    is None when [[membrane]] tables give each membrane its own permeability."""
 
-    barrier_um_per_ms: float
+    barrier_um_per_ms: float | None
     open_um_per_ms: float
     outer: str = "neumann"
 
@@ -144,6 +147,16 @@ class CompartmentConfig:
     t2_ms: float | None = None
     tag: int | None = None
     region: str | None = None
+
+
+@dataclass(frozen=True)
+class MembraneConfig:
+    """[[membrane]]: the triangles of a file grid's surface physical `tag` are a membrane of
+    permeability kappa_um_per_ms (um/ms); several tables give several membranes."""
+
+    name: str
+    tag: int
+    kappa_um_per_ms: float
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,7 @@ class Config:
     inversion: InversionConfig
     target: TargetConfig | None
     compartments: tuple[CompartmentConfig, ...] = ()
+    membranes: tuple[MembraneConfig, ...] = ()
     # every file the configuration itself reads (grid, ground truth, protocol files), as
     # (field, path) pairs; the [target] file is not among them (only some commands read it)
     input_files: tuple[tuple[str, Path], ...] = ()

@@ -39,8 +39,11 @@ class Phantom:
         return self.faces.interior | (self.faces.outer if self.outer == "robin" else False)
 
 
-def build_grid(cfg: GridConfig, source: str, refinement: int = 1) -> Grid:
-    """The grid of [grid]; `refinement` multiplies the resolution (bcc cubes, box cells)."""
+def build_grid(cfg: GridConfig, source: str, refinement: int = 1,
+               membrane_tags: tuple[int, ...] = ()) -> Grid:
+    """The grid of [grid]; `refinement` multiplies the resolution (bcc cubes, box cells); a
+    file grid's membrane triangles are those of `membrane_tags` ([[membrane]]) if given, else
+    of grid.membrane_tag."""
     if cfg.kind == "bcc":
         n = cfg.cubes * refinement
         return bcc_grid(n, cfg.cube_um / refinement, cfg.center_um or (0.0, 0.0, 0.0))
@@ -52,7 +55,10 @@ def build_grid(cfg: GridConfig, source: str, refinement: int = 1) -> Grid:
             raise InputError(source, "target.grid_refinement", "a file grid cannot be refined")
         from spinverse_fem.meshes.readers import read_grid
 
-        return read_grid(cfg.path, membrane_tag=cfg.membrane_tag)
+        if membrane_tags:
+            return read_grid(cfg.path, membrane_tag=tuple(membrane_tags), unit_um=cfg.unit_um,
+                             tag_fields=[f"membrane[{i}].tag" for i in range(len(membrane_tags))])
+        return read_grid(cfg.path, membrane_tag=cfg.membrane_tag, unit_um=cfg.unit_um)
     raise InputError(source, "grid.kind", f"unknown grid kind {cfg.kind!r}")
 
 
@@ -114,6 +120,27 @@ def permeability_field(cfg: PermeabilityConfig, faces: FaceTable,
     return kappa
 
 
+def membrane_permeability(cfg: Config, grid: Grid, faces: FaceTable) -> np.ndarray:
+    """(F,) kappa in um/ms of the [[membrane]] tables: each membrane's kappa_um_per_ms on the
+    faces of its tag, open_um_per_ms elsewhere. InputError for a face in two membranes."""
+    kappa = np.full(faces.num_faces, float(cfg.permeability.open_um_per_ms))
+    owner = np.full(faces.num_faces, -1, dtype=np.int64)
+    src = str(cfg.grid.path)
+    for i, m in enumerate(cfg.membranes):
+        tris = grid.membrane_triangles[grid.membrane_tags == m.tag]
+        ids = np.flatnonzero(membrane_mask(faces, tris, src, f"membrane[{i}].tag"))
+        clash = owner[ids] >= 0
+        if np.any(clash):
+            other = cfg.membranes[int(owner[ids][clash][0])]
+            raise InputError(src, f"membrane[{i}].tag",
+                             f"{int(clash.sum())} triangles tagged {m.tag} ({m.name!r}) are "
+                             f"also tagged {other.tag} ({other.name!r}): a face belongs to "
+                             "one membrane")
+        owner[ids] = i
+        kappa[ids] = m.kappa_um_per_ms
+    return kappa
+
+
 def compartment_fields(cfg: Config, grid: Grid):
     """(compartment (T,) int, diffusivity (T,) um^2/ms, relaxation (T,) 1/ms or None) of the
     [[compartment]] tables on `grid`. InputError naming the table and field for a tag that no
@@ -158,14 +185,16 @@ def compartment_fields(cfg: Config, grid: Grid):
 
 
 def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
-    grid = build_grid(cfg.grid, cfg.source, refinement)
+    grid = build_grid(cfg.grid, cfg.source, refinement,
+                      tuple(m.tag for m in cfg.membranes))
     if cfg.grid.kind == "file":
         # the generated grids were sized by the config reader; a file's only once read
         check_grid_size(str(cfg.grid.path), "cells", grid.num_tets, cfg.eigen,
                         note=" in the grid file")
     faces = build_face_table(grid.tets, grid.num_vertices)
     membrane = membrane_faces(cfg, grid, faces)
-    kappa = permeability_field(cfg.permeability, faces, membrane)
+    kappa = (membrane_permeability(cfg, grid, faces) if cfg.membranes
+             else permeability_field(cfg.permeability, faces, membrane))
     phys = cfg.physics
     fields = dict(diffusivity=phys.diffusivity_um2_per_ms,
                   relaxation=None if phys.t2_ms is None else 1.0 / phys.t2_ms)
@@ -174,3 +203,22 @@ def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
         fields = dict(diffusivity=D, relaxation=relax, compartment=index)
     return Phantom(grid=grid, faces=faces, membrane=membrane, kappa=kappa,
                    outer=cfg.permeability.outer, **fields)
+
+
+def tissue_summary(cfg: Config, phantom: Phantom) -> list[str]:
+    """One line per [[compartment]] (tetrahedra, volume um^3, D, T2) and per [[membrane]]
+    (faces, kappa), for a run's log; empty without those tables."""
+    lines = []
+    if phantom.compartment is not None:
+        vol = phantom.grid.volumes()
+        for i, c in enumerate(cfg.compartments):
+            sel = phantom.compartment == i
+            t2 = "no relaxation" if c.t2_ms is None else f"T2 {c.t2_ms:g} ms"
+            lines.append(f"compartment {c.name!r}: {int(sel.sum())} tetrahedra, "
+                         f"{vol[sel].sum():.4g} um^3, D {c.diffusivity_um2_per_ms:g} um^2/ms, "
+                         f"{t2}")
+    for m in cfg.membranes:
+        n = int(np.sum(phantom.grid.membrane_tags == m.tag))
+        lines.append(f"membrane {m.name!r} (tag {m.tag}): {n} faces, kappa "
+                     f"{m.kappa_um_per_ms:g} um/ms")
+    return lines

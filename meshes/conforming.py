@@ -1,0 +1,150 @@
+"""Conforming tetrahedral meshes of concentric multilayer spheres and cylinders, alone or inside a
+box, with every compartment and every interface tagged (gmsh's Python API: `pip install
+gmsh`, the optional `mesh` extra; the meshes the tests use are shipped under meshes/data/, so
+nothing else needs gmsh).
+
+Tags (gmsh physical groups; a config selects them with [[compartment]] tag and [[membrane]]
+tag, docs/compartments.md):
+
+    volume  i          layer i, i = 1 .. L from the centre outwards ("layer<i>")
+    volume  L + 1      the box around the outermost layer, when there is one ("outside")
+    surface 100 + i    the interface between layer i and layer i + 1, or between layer L and
+                       the box ("interface<i>")
+    surface 200        the outer boundary of the domain ("outer")
+
+Coordinates are in um, the shapes centred at the origin; a cylinder's axis is z and it spans
+the full height (its caps lie on the outer boundary), so a gradient perpendicular to z sees the
+disk problem (tests/references/multilayer.py, dim 2).
+
+    python -m spinverse_fem.meshes.conforming sphere --radii 3 5 --size 1.0 --out layers.msh
+    python -m spinverse_fem.meshes.conforming cylinder --radii 2 4 --height 4 --box 10 \\
+        --size 1.0 --out axon_in_box.msh
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+OUTER_TAG = 200
+INTERFACE_TAG_BASE = 100
+
+
+def build(kind: str, radii, size_um: float, path, *, height_um: float | None = None,
+          box_um: float | None = None, verbose: bool = False) -> dict:
+    """Mesh `kind` ("sphere" | "cylinder") with the layer radii `radii` (um, ascending), target
+    edge length `size_um` (um), cylinder height `height_um` (um; required for a cylinder),
+    and a cube of side `box_um` (um) around the layers (for a cylinder: a square prism of
+    that side and the cylinder's height); write gmsh 2.2 ASCII to `path`. Returns the counts
+    of tetrahedra per volume tag and of triangles per surface tag."""
+    try:
+        import gmsh
+    except ImportError:
+        raise SystemExit("meshes.conforming needs gmsh's Python API: pip install gmsh "
+                         "(or pip install -e '.[mesh]')") from None
+    radii = [float(r) for r in radii]
+    if kind not in ("sphere", "cylinder"):
+        raise ValueError(f"kind must be 'sphere' or 'cylinder', got {kind!r}")
+    if not radii or any(b <= a for a, b in zip(radii, radii[1:])) or radii[0] <= 0:
+        raise ValueError(f"radii must be positive and ascending, got {radii}")
+    if kind == "cylinder" and not (height_um and height_um > 0):
+        raise ValueError("a cylinder needs height_um > 0")
+    if box_um is not None and not box_um > 2 * radii[-1]:
+        raise ValueError(f"box_um ({box_um}) must exceed the outer diameter ({2 * radii[-1]})")
+
+    gmsh.initialize(interruptible=False)
+    try:
+        gmsh.option.setNumber("General.Terminal", 1 if verbose else 0)
+        gmsh.option.setNumber("General.NumThreads", 1)  # reproducible meshes
+        gmsh.model.add(f"{kind}_layers")
+        occ = gmsh.model.occ
+        solids = []
+        for r in radii:
+            if kind == "sphere":
+                solids.append((3, occ.addSphere(0, 0, 0, r)))
+            else:
+                solids.append((3, occ.addCylinder(0, 0, -height_um / 2, 0, 0, height_um, r)))
+        if box_um is not None:
+            zlo, dz = ((-box_um / 2, box_um) if kind == "sphere"
+                       else (-height_um / 2, height_um))
+            solids.append((3, occ.addBox(-box_um / 2, -box_um / 2, zlo, box_um, box_um, dz)))
+        occ.fragment(solids[:1], solids[1:])
+        occ.synchronize()
+
+        # Every fragment is identified by its extent in x: layer i reaches r_i, the box b/2.
+        extents = np.array(radii + ([box_um / 2] if box_um is not None else []))
+        volume_of = {}
+        for _, v in gmsh.model.getEntities(3):
+            xmax = gmsh.model.getBoundingBox(3, v)[3]
+            volume_of[v] = int(np.argmin(np.abs(extents - xmax))) + 1
+        if sorted(volume_of.values()) != list(range(1, len(extents) + 1)):
+            raise RuntimeError(f"gmsh fragments do not match the layers: {volume_of}")
+        names = [f"layer{i}" for i in range(1, len(radii) + 1)] + (
+            ["outside"] if box_um is not None else [])
+        for v, i in volume_of.items():
+            gmsh.model.addPhysicalGroup(3, [v], i, names[i - 1])
+
+        interfaces: dict[int, list[int]] = {}
+        outer = []
+        for _, s in gmsh.model.getEntities(2):
+            up, _ = gmsh.model.getAdjacencies(2, s)
+            layers = sorted(volume_of[v] for v in up)
+            if len(layers) == 1:
+                outer.append(s)
+            else:
+                interfaces.setdefault(layers[0], []).append(s)
+        for i, surfaces in sorted(interfaces.items()):
+            gmsh.model.addPhysicalGroup(2, surfaces, INTERFACE_TAG_BASE + i, f"interface{i}")
+        gmsh.model.addPhysicalGroup(2, outer, OUTER_TAG, "outer")
+
+        gmsh.option.setNumber("Mesh.MeshSizeMax", float(size_um))
+        gmsh.option.setNumber("Mesh.MeshSizeMin", 0.5 * float(size_um))
+        gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 0)
+        gmsh.option.setNumber("Mesh.MshFileVersion", 2.2)
+        gmsh.option.setNumber("Mesh.Binary", 0)
+        gmsh.model.mesh.generate(3)
+        gmsh.model.mesh.optimize("Netgen")
+
+        counts = {}
+        for dim, tag in gmsh.model.getPhysicalGroups():
+            n = 0
+            for ent in gmsh.model.getEntitiesForPhysicalGroup(dim, tag):
+                _, elems, _ = gmsh.model.mesh.getElements(dim, ent)
+                n += sum(len(e) for e in elems)
+            counts[f"{'volume' if dim == 3 else 'surface'} {tag}"] = n
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        gmsh.write(str(path))
+    finally:
+        gmsh.finalize()
+    return counts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m spinverse_fem.meshes.conforming",
+        description="Conforming gmsh mesh of concentric multilayer spheres or cylinders "
+                    "(tags: volume i = layer i, L + 1 = box; surface 100 + i = interface i, "
+                    "200 = outer boundary).")
+    p.add_argument("kind", choices=["sphere", "cylinder"])
+    p.add_argument("--radii", type=float, nargs="+", required=True, help="um, ascending")
+    p.add_argument("--size", type=float, required=True, help="target edge length, um")
+    p.add_argument("--height", type=float, default=None, help="cylinder height, um")
+    p.add_argument("--box", type=float, default=None, help="side of the box around, um")
+    p.add_argument("--out", type=Path, required=True, help="output .msh (gmsh 2.2 ASCII)")
+    p.add_argument("--verbose", action="store_true", help="gmsh's own log")
+    a = p.parse_args(argv)
+    try:
+        counts = build(a.kind, a.radii, a.size, a.out, height_um=a.height, box_um=a.box,
+                       verbose=a.verbose)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
