@@ -99,12 +99,12 @@ def misfit_floor(comm, shape: str, n: int, settings: Settings, refine: int) -> d
     return out
 
 
-def rescore(path: Path) -> dict:
+def rescore(path: Path, spacing_um: float = 0.5) -> dict:
     """Scores of a saved run's final kappa against truths that do not depend on its grid:
     CD-L2 (the paper's sampling and centring) to the membrane of the grid its targets were
     simulated on (`cd_l2_target_grid`) and to the analytic surface itself
-    (`cd_l2_analytic`, `evaluation.analytic_surface`, 0.5 um marching cubes). Written once to
-    <run>.scores.json; {} for runs saved without their final kappa."""
+    (`cd_l2_analytic`, `evaluation.analytic_surface`, marched on cubes of at most spacing_um).
+    Written once to <run>.scores.json; {} for runs saved without their final kappa."""
     import numpy as np
 
     from spinverse_fem.config import parse_config
@@ -126,12 +126,13 @@ def rescore(path: Path) -> dict:
     pred_tris = ph.grid.points[ph.faces.faces[pred]]
     refine = cfg.target.grid_refinement if cfg.target and cfg.target.grid_refinement else 1
     fine = build_phantom(cfg, refinement=refine)
+    surface = analytic_surface(cfg, spacing_um)
     scores = dict(
         cd_l2_target_grid=chamfer_l2(pred_tris,
                                      fine.grid.points[fine.faces.faces[fine.membrane]]),
-        cd_l2_analytic=chamfer_l2(pred_tris, analytic_surface(cfg)),
+        cd_l2_analytic=chamfer_l2(pred_tris, surface),
         cd_l2_grid_truth_vs_analytic=chamfer_l2(ph.grid.points[ph.faces.faces[ph.membrane]],
-                                                analytic_surface(cfg)))
+                                                surface))
     atomic_write_text(out_path, json.dumps(scores, indent=1) + "\n")
     return scores
 
@@ -158,10 +159,10 @@ def table(runs: list[dict]) -> str:
                            "misfit at the truth (5/6 / 10/20 / 10/60)"], rows)
 
 
-def _saved(path: Path) -> dict:
+def _saved(path: Path, spacing_um: float) -> dict:
     """A saved run with its shape, n and number of tetrahedra (from its configuration)."""
     from spinverse_fem.config import parse_config
-    from spinverse_fem.geometry.phantom import build_grid
+    from spinverse_fem.config.schema import estimated_tetrahedra
 
     r = json.loads(path.read_text())
     shape, n, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?", path.stem).groups()
@@ -170,12 +171,12 @@ def _saved(path: Path) -> dict:
              if cfg.inversion.basis == "frozen" else "eigen")
     floor = path.with_name(f"{shape}_n{n}.floor.json")
     extra = dict(floor=json.loads(floor.read_text())) if floor.exists() else {}
-    return dict(r, shape=shape, n=int(n), tets=int(build_grid(cfg.grid, path.name).num_tets),
-                basis=basis, scores=rescore(path), **extra)
+    return dict(r, shape=shape, n=int(n), tets=int(estimated_tetrahedra(cfg.grid)),
+                basis=basis, scores=rescore(path, spacing_um), **extra)
 
 
-def report(out: Path) -> None:
-    runs = [_saved(p) for p in sorted((out / "refined_grids").glob("*_n*.json"))
+def report(out: Path, spacing_um: float = 0.5) -> None:
+    runs = [_saved(p, spacing_um) for p in sorted((out / "refined_grids").glob("*_n*.json"))
             if not p.name.endswith((".floor.json", ".scores.json"))]
     if not runs:
         return
@@ -185,7 +186,7 @@ def report(out: Path) -> None:
             "given, on the shared 2-core machine. CD-L2 (the paper's metric) is measured "
             "against three truths: this grid's staircase membrane (the paper's), the "
             "membrane of the finer grid the targets were simulated on, and the analytic "
-            "surface itself (marched at 0.5 um, clipped to the grid); the column in "
+            f"surface itself (marched at {spacing_um:g} um, clipped to the grid); the column in "
             "parentheses is this grid's own truth against the analytic surface, the best "
             "a face set of this grid can do on the last measure.\n\n" + table(runs) + "\n")
     atomic_write_text(out / "refined_grids.md", text)
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
                    help="basis frozen: iterations between refreshes")
     p.add_argument("--floor", action="store_true",
                    help="also the misfit at the ground truth with same-grid and refined targets")
+    p.add_argument("--analytic-spacing", type=float, default=0.5,
+                   help="um: marching cubes of the analytic surface that runs are scored on")
     a = p.parse_args(argv)
     comm = mpi_comm()
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
                 if comm.rank == 0:
                     atomic_write_text(floor_path, json.dumps(floor, indent=1) + "\n")
             if comm.rank == 0:
-                report(a.out)
+                report(a.out, a.analytic_spacing)
                 m = res["metrics"]
                 print(f"{label}: CD-L2 {m['cd_l2']:.3f} um^2, BadEdge {m['bad_edge_pct']:.1f} %,"
                       f" {res['iterations']} iterations in {fmt_seconds(res['seconds'])}",

@@ -124,7 +124,7 @@ def test_refined_grids_tiny(comm, out):
     refined targets it does not."""
     # the same cap for targets and model (else the truncation alone leaves a misfit)
     args = [*TINY, "--max-modes", "80", "--reference-max-modes", "80", "--sizes", "4",
-            "--shapes", "sphere", "--floor", "--out", str(out)]
+            "--shapes", "sphere", "--floor", "--analytic-spacing", "2.0", "--out", str(out)]
     assert refined_grids.main(args) == 0
     assert refined_grids.main(args) == 0
     assert refined_grids.main([*args, "--basis", "frozen", "--refresh-every", "2"]) == 0

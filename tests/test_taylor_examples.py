@@ -53,6 +53,11 @@ def test_taylor_passes_at_start_and_along_the_path(name, targets, capsys):
 
     points = _points(name)
     assert len(points) == 4, f"missing path kappa files for {name}: run make_path_kappa.py"
+    if name == "plane_box":
+        # ~35 s per point (a 234-mode cut among 2 172 eigenvalues below the cutoff): the start
+        # (where the cut used to split a pair) and the end of the path; the torus examples
+        # check their middle points
+        points = [points[0], points[-1]]
     for kappa in points:
         args = ["taylor", str(ROOT / "examples" / f"{name}.toml"), "--target",
                 str(targets[name]), "--halvings", "2"]
