@@ -47,8 +47,10 @@ class Eigenbasis:
     (M-orthonormal, um^{-3/2}); cutoff_count: eigenvalues below the length-scale cutoff;
     capped: True when max_modes cut the spectrum below the cutoff; extra_lam, extra_phi: the
     converged eigenpairs just above the kept ones (the solve's margin; used by the adjoint);
-    sigma: the shift of the shift-and-invert transform (1/ms); info: how it was computed
-    (method, inertia counts, work and seconds per phase; for logs and benchmarks)."""
+    sigma: the shift of the shift-and-invert transform (1/ms); gap_shift: the uniform part of
+    the spectrum (1/ms, the smallest relaxation rate) that relative gaps are measured without;
+    info: how it was computed (method, inertia counts, work and seconds per phase; for logs
+    and benchmarks)."""
 
     lam: np.ndarray
     phi: np.ndarray
@@ -58,6 +60,7 @@ class Eigenbasis:
     extra_phi: np.ndarray | None = None
     sigma: float = -1e-3
     info: dict = field(default_factory=dict, compare=False)
+    gap_shift: float = 0.0
 
     @property
     def num_modes(self) -> int:
@@ -70,8 +73,11 @@ class Eigenbasis:
 
     @property
     def rel_gap(self) -> float:
-        """g_K = (lambda_{K+1} - lambda_K) / lambda_{K+1} at the cut (`mode_selection`)."""
-        return gap_at(float(self.lam[-1]), self.next_lam)
+        """g_K = (lambda_{K+1} - lambda_K) / (lambda_{K+1} - gap_shift) at the cut
+        (`mode_selection`)."""
+        nxt = self.next_lam
+        return gap_at(float(self.lam[-1]) - self.gap_shift,
+                      None if nxt is None else nxt - self.gap_shift)
 
 
 def cutoff_eigenvalue(diffusivity_um2_per_ms: float, length_scale_um: float) -> float:
@@ -202,7 +208,8 @@ def _block_options(keys=("block", "ncv")) -> dict:
 def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None,
                      num_modes: int | None = None, max_modes: int = 500,
                      tol: float = 1e-10, max_repairs: int = 3, method: str | None = None,
-                     initial_space: np.ndarray | None = None) -> Eigenbasis:
+                     initial_space: np.ndarray | None = None,
+                     gap_shift: float = 0.0) -> Eigenbasis:
     """All eigenpairs below lam_max (capped at max_modes), or exactly num_modes of them.
 
     With the cutoff rule the count is moved down to a real spectral gap
@@ -216,6 +223,9 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     option -spinverse_eigen_method, else `DEFAULT_METHOD`. Every method ends with the same
     Sylvester inertia check. initial_space (n_owned, q): start vectors, e.g. the previous
     iterate's basis (block method: the first block; Krylov-Schur: EPSSetInitialSpace).
+    gap_shift (1/ms): a uniform shift of the spectrum (the smallest relaxation rate 1/T2) that
+    does not change the eigenvectors: the relative gaps of the cut are measured without it,
+    so that a uniform T2 keeps the same modes as no T2.
     """
     import time
 
@@ -380,7 +390,7 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     if method in ("slicing", "block_slicing"):
         lam, vecs = lam[:nev], vecs[:, :nev]   # the interval may hold more than asked for
     info["repaired"] = repaired
-    k = k_want if num_modes is not None else select_mode_count(lam, k_want)
+    k = k_want if num_modes is not None else select_mode_count(lam - gap_shift, k_want)
     if capped and comm.rank == 0:
         warnings.warn(f"{cutoff_count} eigenvalues lie below the cutoff; keeping {k} "
                       f"(max_modes = {max_modes})", stacklevel=2)
@@ -395,7 +405,7 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
     seconds["orthonormalise"] = time.perf_counter() - t0
     return Eigenbasis(lam=lam[:k].copy(), phi=allphi[:, :k].copy(), cutoff_count=cutoff_count,
                       capped=capped, extra_lam=lam[k:].copy(), extra_phi=allphi[:, k:].copy(),
-                      sigma=sigma, info=info)
+                      sigma=sigma, info=info, gap_shift=float(gap_shift))
 
 
 def _columns(vecs: list, L: PETSc.Mat) -> np.ndarray:
