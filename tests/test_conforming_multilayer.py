@@ -107,7 +107,10 @@ def test_three_layer_cylinder_converges_to_the_radial_reference(comm):
 def test_three_layer_sphere_matches_the_radial_reference(comm, D, kappa, tol):
     """Reference: multilayer sphere, radii 2 / 3.5 / 5 um, T2 40 / 80 / 100 ms, on the h = 1 um
     mesh (2 765 tets): max |S/S0 - ref| below the stated tolerance (the two-layer sphere's
-    error at this size is 7.5e-3)."""
+    error at this size is 7.5e-3). Serial only: the two convergence tests above run the same
+    model on 2 ranks."""
+    if comm.size > 1:
+        pytest.skip("checked serially; the convergence tests cover 2 ranks")
     layers = Layers(radii=(2.0, 3.5, 5.0), D=D, kappa=kappa, T2=(40.0, 80.0, 100.0), dim=3)
     cfg, s, _ = simulate(comm, config("sphere_3layers_h1.msh", D, layers.T2, kappa))
     ref = pgse_signal(layers, DELTA, BIG_DELTA, cfg.sequences[0].q_per_um_ms(), modes=40)
