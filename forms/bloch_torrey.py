@@ -64,3 +64,16 @@ def interior_face_sensitivity(w, a, b, dS):
 def outer_face_sensitivity(w, a, b, ds):
     """<w, a . b> over outer faces (robin sensitivities)."""
     return w * ufl.inner(a, b) * ds
+
+
+def cell_stiffness_sensitivity(w, a, b, dx):
+    """(w, grad a : grad b) over cells: w per cell (DG0), a and b (blocked) broken P1.
+
+    Assembled as a vector over cells it gives d/dD_t of sum_k a_k^T A(D) b_k (D per cell).
+    """
+    return w * ufl.inner(ufl.grad(a), ufl.grad(b)) * dx
+
+
+def cell_mass_sensitivity(w, a, b, dx):
+    """(w, a . b) over cells: d/dr_t of sum_k a_k^T R(r) b_k (r = 1/T2 per cell)."""
+    return w * ufl.inner(a, b) * dx

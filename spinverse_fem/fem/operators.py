@@ -61,8 +61,9 @@ class BlochTorreyOperators:
             raise ValueError("give t2_ms or relaxation_per_ms, not both")
         if t2_ms is not None:
             relaxation_per_ms = 1.0 / float(t2_ms)
+        self.rate = None
         if relaxation_per_ms is not None:
-            rate = self._cell_coefficient(relaxation_per_ms, "relaxation_per_ms")
+            self.rate = rate = self._cell_coefficient(relaxation_per_ms, "relaxation_per_ms")
             a = a + bt.relaxation(u, v, rate, self.dx)
         self._a_L = fem.form(a, entity_maps=[space.entity_map])
         self.L = fem_petsc.create_matrix(self._a_L)
@@ -85,6 +86,35 @@ class BlochTorreyOperators:
         original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]
         f.x.array[Vd.dofmap.list[cells, 0]] = d[original]
         return f
+
+    def _set_cell_values(self, coef, d, name: str) -> None:
+        d = np.asarray(d, dtype=np.float64)
+        if isinstance(coef, fem.Constant):
+            if d.ndim != 0:
+                raise ValueError(f"{name} was one value; per-cell values need per-cell "
+                                 "operators (build them with a (T,) array)")
+            coef.value = float(d)
+            return
+        Vd = coef.function_space
+        cmap = self.space.mesh.topology.index_map(3)
+        cells = np.arange(cmap.size_local + cmap.num_ghosts, dtype=np.int32)
+        original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]
+        values = np.broadcast_to(d, (cmap.size_global,)) if d.ndim == 0 else d
+        coef.x.array[Vd.dofmap.list[cells, 0]] = values[original]
+
+    def set_tissue(self, diffusivity_um2_per_ms=None, relaxation_per_ms=None) -> None:
+        """New D (um^2/ms) and / or 1/T2 (1/ms), one value or (T,) per tetrahedron (input
+        order), then L re-assembled at the current kappa. The relaxation term must exist
+        (operators built with a relaxation)."""
+        if diffusivity_um2_per_ms is not None:
+            self._set_cell_values(self.diffusivity, diffusivity_um2_per_ms,
+                                  "diffusivity_um2_per_ms")
+        if relaxation_per_ms is not None:
+            if self.rate is None:
+                raise ValueError("these operators have no relaxation term")
+            self._set_cell_values(self.rate, relaxation_per_ms, "relaxation_per_ms")
+        if self._kappa_values is not None:
+            self.set_kappa(self._kappa_values)
 
     def _assemble(self, a) -> PETSc.Mat:
         A = fem_petsc.assemble_matrix(fem.form(a))

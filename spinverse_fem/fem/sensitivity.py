@@ -72,3 +72,60 @@ class FaceSensitivity:
     def __call__(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """(F,) canonical-order sum_j A[:, j]^T B_f B[:, j], identical on every rank."""
         return self.ops.space.gather_face_vector(self.owned(A, B))
+
+
+class CellSensitivity:
+    """Callable: (A, B) local owned rows (n_owned, k) -> (stiffness (T,), mass (T,)), input
+    tetrahedron order, replicated:
+
+        stiffness_t = sum_j A[:, j]^T A_t B[:, j]   (A_t: the stiffness of cell t with D = 1,
+                                                     um; d/dD_t of sum_j a_j^T L b_j)
+        mass_t      = sum_j A[:, j]^T M_t B[:, j]   (M_t: the mass of cell t, um^3;
+                                                     d/dr_t, r = 1/T2 in 1/ms)
+
+    Because L = sum_t D_t A_t + B(kappa) + sum_t r_t M_t, these are the sensitivities of
+    the same pairings as `FaceSensitivity`, cell by cell (the compartment parameters)."""
+
+    def __init__(self, ops: BlochTorreyOperators, chunk: int = 16):
+        self.ops = ops
+        self.chunk = int(chunk)
+        space = ops.space
+        V = space.V
+        Vk = fem.functionspace(space.mesh, ("DG", 1, (self.chunk,)))
+        if not np.array_equal(Vk.dofmap.list, V.dofmap.list):
+            raise RuntimeError("blocked and scalar broken-P1 dof layouts differ")
+        self.n_owned = V.dofmap.index_map.size_local
+        self.a = fem.Function(Vk)
+        self.b = fem.Function(Vk)
+        W0 = fem.functionspace(space.mesh, ("DG", 0))
+        w = ufl.TestFunction(W0)
+        self.forms = [fem.form(bt.cell_stiffness_sensitivity(w, self.a, self.b, ops.dx)),
+                      fem.form(bt.cell_mass_sensitivity(w, self.a, self.b, ops.dx))]
+        self.vec = fem_petsc.create_vector(W0)
+        cmap = space.mesh.topology.index_map(3)
+        owned = np.arange(cmap.size_local, dtype=np.int32)
+        self.owned_dofs = W0.dofmap.list[owned, 0]
+        self.original = np.asarray(space.mesh.topology.original_cell_index)[owned]
+        self.num_cells = cmap.size_global
+
+    def __call__(self, A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from mpi4py import MPI
+
+        if A.shape != B.shape or A.shape[0] != self.n_owned:
+            raise ValueError(f"expected two ({self.n_owned}, k) arrays, got {A.shape}, {B.shape}")
+        out = [np.zeros(self.num_cells), np.zeros(self.num_cells)]
+        ncols = self.ops.comm.allreduce(A.shape[1], op=MPI.MAX)
+        for c0 in range(0, ncols, self.chunk):
+            for f, X in ((self.a, A), (self.b, B)):
+                block = np.zeros((self.n_owned, self.chunk))
+                block[:, : X[:, c0:c0 + self.chunk].shape[1]] = X[:, c0:c0 + self.chunk]
+                f.x.array[: self.n_owned * self.chunk] = block.ravel()
+                f.x.scatter_forward()
+            for o, form in zip(out, self.forms):
+                with self.vec.localForm() as loc:
+                    loc.set(0.0)
+                fem_petsc.assemble_vector(self.vec, form)
+                self.vec.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+                o[self.original] += self.vec.array_r[self.owned_dofs]
+        # each cell is owned by one rank: the sums are exact
+        return tuple(self.ops.comm.allreduce(o, op=MPI.SUM) for o in out)

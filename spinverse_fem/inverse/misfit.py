@@ -41,7 +41,7 @@ import numpy as np
 from mpi4py import MPI
 
 from spinverse_fem.errors import SolverError
-from spinverse_fem.fem.sensitivity import FaceSensitivity
+from spinverse_fem.fem.sensitivity import CellSensitivity, FaceSensitivity
 from spinverse_fem.forward.full_order import FullOrderModel, with_b0_row
 from spinverse_fem.forward.model import ForwardModel
 from spinverse_fem.forward.propagator import exp_divided_differences
@@ -142,7 +142,7 @@ class SignalMisfit:
         if not np.isfinite(value):
             raise SolverError("the misfit is not finite: the model's signals or S0 under- or "
                               "overflowed (check T2, the echo times and the permeabilities)")
-        state.update(value=value, residuals=residuals, signals=signals)
+        state.update(value=value, residuals=residuals, signals=signals, kappa=kappa)
         self.counters.forward += 1
         self._state, self._cache_key = state, key
         return state
@@ -263,10 +263,14 @@ class ReducedMisfit(SignalMisfit):
                     nbar += s0_bar * 2.0 * nu0 * np.exp(-te * lam)
         return 0.5 * (Lbar + Lbar.T), Wbar, nbar
 
-    def _gradient(self, kappa: np.ndarray, st: dict) -> np.ndarray:
+    def _adjoint_pair(self, st: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Phi), X = Phi Lbar - A (n_owned, K): dJ = sum_k x_k^T dL phi_k for any change dL
+        of L at fixed M, J (kappa, D or 1/T2); A from the complement solves. Cached."""
+        if "adjoint_x" in st:
+            return st["adjoint_x"], st["basis"].phi
         basis, products = st["basis"], st["products"]
         phi = basis.phi
-        Lbar, Wbar, nbar = self.reduced_cotangents(kappa)
+        Lbar, Wbar, nbar = self.reduced_cotangents(st["kappa"])
         G = (2.0 * sum(products.JPhi[i] @ Wbar[i] for i in range(3))
              + np.outer(products.m1, nbar))
         ops = self.model.ops
@@ -279,10 +283,33 @@ class ReducedMisfit(SignalMisfit):
                 solver.destroy()
         self.counters.linear_solves += solver.solves
         self.counters.cg_iterations += solver.iterations
+        st["adjoint_x"] = phi @ Lbar - A
+        return st["adjoint_x"], phi
+
+    def _gradient(self, kappa: np.ndarray, st: dict) -> np.ndarray:
+        X, phi = self._adjoint_pair(st)
         with self.counters.timed("sensitivity"):
             if self._sens is None:
-                self._sens = FaceSensitivity(ops)
-            return self._sens(phi @ Lbar - A, phi)
+                self._sens = FaceSensitivity(self.model.ops)
+            return self._sens(X, phi)
+
+    def set_tissue(self, diffusivity_um2_per_ms=None, relaxation_per_ms=None) -> None:
+        """Change D (um^2/ms) and / or 1/T2 (1/ms) per tetrahedron (`ops.set_tissue`); the
+        next evaluation solves anew."""
+        self.model.ops.set_tissue(diffusivity_um2_per_ms, relaxation_per_ms)
+        self._cache_key = self._state = None
+
+    def tissue_gradient(self, kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dJ/dD_t in ms/um^2, dJ/dr_t in ms) per tetrahedron t (input order, replicated),
+        r = 1/T2: the same adjoint as the kappa gradient, paired cell by cell
+        (`fem.sensitivity.CellSensitivity`). At a fixed mode count this is the exact
+        derivative of the model evaluated."""
+        st = self._evaluate(kappa)
+        X, phi = self._adjoint_pair(st)
+        with self.counters.timed("sensitivity"):
+            if getattr(self, "_cell_sens", None) is None:
+                self._cell_sens = CellSensitivity(self.model.ops)
+            return self._cell_sens(X, phi)
 
 
 class FullOrderMisfit(SignalMisfit):
