@@ -83,7 +83,11 @@ def run_inversion(comm, cfg, checkpoint=None, state=None):
 
 def test_small_inversion_recovers_sphere(comm):
     """Reference: the ground-truth membrane (24 faces of a sphere r = 10 um on the bcc n = 3
-    grid); noiseless targets, staged 10/60 -> 10/20 ms, Adam: face IoU >= 0.8 and CD-L2 small."""
+    grid); noiseless targets, staged 10/60 -> 10/20 ms, Adam: face IoU >= 0.8 and CD-L2 small.
+    On 2 ranks tests/test_examples.py inverts the same problem (examples/small_inversion.py,
+    20 iterations per stage) with the same thresholds and checks that every rank agrees."""
+    if comm.size > 1:
+        pytest.skip("on 2 ranks: test_examples.py::test_small_inversion_recovers_sphere")
     inv, st = run_inversion(comm, sphere_config("adam", 40))
     m = inv.observer(inv.kappa(st.x))
     print(f"sphere n=3: {m}")
