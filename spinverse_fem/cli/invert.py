@@ -250,6 +250,9 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
                    ranks=comm.size, targets=source, interface_faces=int(interface.sum()),
                    start=(f"kappa file {args.start_kappa}" if args.start_kappa is not None else
                           f"inversion.start_um_per_ms = {cfg.inversion.start_um_per_ms:g}"))
+    fitted = case.tissue_values(state.x)
+    if fitted:
+        metrics.update(compartments=fitted)
     fit = _fit_table(cfg, case, state, predicted)
 
     def write_outputs():
@@ -283,6 +286,10 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
                  f"face IoU {metrics['iou']:.3f}" if "cd_l2" in metrics else "")
               + (f"; frozen basis refreshed {inv.refreshes} times in this process"
                  if inv.frozen else ""), flush=True)
+        for name, v in fitted.items():
+            t2 = "" if v["t2_ms"] is None else f", T2 {v['t2_ms']:.4g} ms"
+            print(f"  fitted compartment {name!r}: D {v['diffusivity_um2_per_ms']:.4g} "
+                  f"um^2/ms{t2}", flush=True)
         print(f"wrote {out}/result.h5, interface.xdmf, interface.ply, metrics.json, history.png, "
               "fit.png", flush=True)
     # a signal that came after the last iteration: everything was written, but say so

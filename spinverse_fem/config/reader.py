@@ -368,7 +368,8 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
     out, names, keys = [], set(), set()
     for i, c in enumerate(raw):
         t = _Table(c, source, f"compartment[{i}]")
-        t.allow(["name", "diffusivity_um2_per_ms", "t2_ms", "tag", "region"])
+        t.allow(["name", "diffusivity_um2_per_ms", "t2_ms", "tag", "region",
+                 "diffusivity_start_um2_per_ms", "t2_start_ms"])
         name = t.string("name", f"compartment {i}")
         if name in names:
             raise t.error("name", f"duplicate compartment name {name!r}")
@@ -393,8 +394,13 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
         if key in keys:
             raise t.error(key[0], f"{key[0]} {key[1]!r} is already another compartment's")
         keys.add(key)
-        out.append(CompartmentConfig(name, t.number("diffusivity_um2_per_ms", gt=0),
-                                     t.number("t2_ms", None, gt=0), tag, region))
+        t2 = t.number("t2_ms", None, gt=0)
+        if t.has("t2_start_ms") and t2 is None:
+            raise t.error("t2_start_ms", "needs t2_ms (this compartment does not relax)")
+        out.append(CompartmentConfig(name, t.number("diffusivity_um2_per_ms", gt=0), t2, tag,
+                                     region,
+                                     t.number("diffusivity_start_um2_per_ms", None, gt=0),
+                                     t.number("t2_start_ms", None, gt=0)))
     return tuple(out)
 
 
@@ -600,8 +606,27 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         basis=t.string("basis", d.basis, choices=list(BASES)),
         basis_refresh_every=t.integer("basis_refresh_every", d.basis_refresh_every, ge=1),
         basis_refresh_step=t.number("basis_refresh_step", d.basis_refresh_step, ge=0),
+        fit_compartments=_fit_compartments(t),
         custom_stages=stages,
     )
+
+
+FIT_COMPARTMENT_FIELDS = ("diffusivity", "t2")
+
+
+def _fit_compartments(t: _Table) -> tuple[str, ...]:
+    """inversion.fit_compartments: which compartment parameters are fitted beside kappa."""
+    raw = t.raw("fit_compartments", [])
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise t.error("fit_compartments", f"must be a list of {list(FIT_COMPARTMENT_FIELDS)}, "
+                      f"got {raw!r}")
+    for v in raw:
+        if v not in FIT_COMPARTMENT_FIELDS:
+            raise t.error("fit_compartments", f"unknown parameter {v!r}; allowed: "
+                          f"{list(FIT_COMPARTMENT_FIELDS)}")
+    if len(set(raw)) != len(raw):
+        raise t.error("fit_compartments", f"duplicate entries in {raw!r}")
+    return tuple(v for v in FIT_COMPARTMENT_FIELDS if v in raw)
 
 
 def _optimizer(t: _Table, default: str) -> str:
@@ -756,6 +781,15 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
             sequences.append(seq)
 
     inversion = _inversion(table("inversion") or empty("inversion"), sequences)
+    if inversion.fit_compartments and not compartments:
+        raise InputError(source, "inversion.fit_compartments", "needs [[compartment]] tables "
+                         "(their parameters are what is fitted)")
+    if "t2" in inversion.fit_compartments:
+        for i, c in enumerate(compartments):
+            if c.t2_ms is None:
+                raise InputError(source, f"compartment[{i}].t2_ms", "missing: "
+                                 "inversion.fit_compartments includes \"t2\", so every "
+                                 "compartment needs a T2 to start from")
     target_t = table("target")
     target = _target(target_t, base) if target_t else None
     _check_sizes(source, grid, eigen, target)

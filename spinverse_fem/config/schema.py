@@ -140,13 +140,17 @@ class CompartmentConfig:
     """[[compartment]]: a tissue compartment with its own diffusivity (um^2/ms) and T2 (ms;
     None = no relaxation), selected on a file grid by a volume physical `tag` and on a
     generated grid by `region` "inside" / "outside" the [geometry] shape (the same inside rule
-    as the ground-truth membrane)."""
+    as the ground-truth membrane). With [inversion] fit_compartments the fit of D (T2) starts
+    at diffusivity_start_um2_per_ms (t2_start_ms), default the value itself (which simulated
+    targets use as the truth)."""
 
     name: str
     diffusivity_um2_per_ms: float
     t2_ms: float | None = None
     tag: int | None = None
     region: str | None = None
+    diffusivity_start_um2_per_ms: float | None = None
+    t2_start_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,7 @@ class InversionConfig:
     basis: str = "eigen"
     basis_refresh_every: int = 10
     basis_refresh_step: float = 0.1
+    fit_compartments: tuple[str, ...] = ()
     custom_stages: tuple[Stage, ...] = ()
 
 

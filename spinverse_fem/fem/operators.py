@@ -73,6 +73,7 @@ class BlochTorreyOperators:
         self.mass_ones = self.M.createVecLeft()
         self.M.mult(ones, self.mass_ones)
         self._kappa_values: np.ndarray | None = None
+        self.tissue_version = 0   # incremented by every set_tissue that changes D or 1/T2
 
     def _cell_coefficient(self, d, name: str):
         """A constant, or a DG0 function from per-tetrahedron values (input tet order)."""
@@ -105,7 +106,17 @@ class BlochTorreyOperators:
     def set_tissue(self, diffusivity_um2_per_ms=None, relaxation_per_ms=None) -> None:
         """New D (um^2/ms) and / or 1/T2 (1/ms), one value or (T,) per tetrahedron (input
         order), then L re-assembled at the current kappa. The relaxation term must exist
-        (operators built with a relaxation)."""
+        (operators built with a relaxation). Values equal to the current ones change nothing;
+        any change increments `tissue_version`."""
+        current = getattr(self, "_tissue_values", (None, None))
+        same = [new is None or (old is not None and np.array_equal(np.asarray(new), old))
+                for new, old in zip((diffusivity_um2_per_ms, relaxation_per_ms), current)]
+        if all(same):
+            return
+        self._tissue_values = tuple(
+            old if new is None else np.array(new, dtype=np.float64)
+            for new, old in zip((diffusivity_um2_per_ms, relaxation_per_ms), current))
+        self.tissue_version += 1
         if diffusivity_um2_per_ms is not None:
             self._set_cell_values(self.diffusivity, diffusivity_um2_per_ms,
                                   "diffusivity_um2_per_ms")

@@ -19,7 +19,7 @@ from spinverse_fem.inverse.curriculum import stages
 from spinverse_fem.inverse.frozen_basis import FrozenBasisMisfit
 from spinverse_fem.inverse.misfit import FullOrderMisfit, ReducedMisfit, SignalMisfit
 from spinverse_fem.inverse.model import Model, PriorWeights
-from spinverse_fem.inverse.parameters import ParameterMap
+from spinverse_fem.inverse.parameters import ParameterMap, TissueParameters
 from spinverse_fem.inverse.priors import GeometricPriors
 from spinverse_fem.io.targets import load_targets
 
@@ -71,11 +71,37 @@ class Case:
         self.params = ParameterMap(active=active, lower=float(np.log10(inv.kappa_min_um_per_ms)),
                                    upper=float(np.log10(inv.kappa_max_um_per_ms)),
                                    fixed_kappa=np.full(self.phantom.faces.num_faces,
-                                                       float(inv.kappa_max_um_per_ms)))
+                                                       float(inv.kappa_max_um_per_ms)),
+                                   tissue=self._tissue_parameters())
         self.priors = GeometricPriors(self.phantom.faces.faces, active=active,
                                       threshold_um_per_ms=inv.threshold_um_per_ms)
         self.stages = stages(cfg)
         self._owned = []   # full-order models to destroy
+
+    def _tissue_parameters(self) -> TissueParameters | None:
+        """The fitted compartment parameters ([inversion] fit_compartments), from their start
+        values; None when nothing but kappa is fitted."""
+        fit = self.cfg.inversion.fit_compartments
+        if not fit:
+            return None
+        comps = self.cfg.compartments
+        D = np.array([c.diffusivity_start_um2_per_ms or c.diffusivity_um2_per_ms
+                      for c in comps])
+        T2 = (None if any(c.t2_ms is None for c in comps) else
+              np.array([c.t2_start_ms or c.t2_ms for c in comps]))
+        return TissueParameters(compartment=self.phantom.compartment, diffusivity=D,
+                                t2_ms=T2, fit=fit)
+
+    def tissue_values(self, x: np.ndarray) -> dict:
+        """{compartment name: {"diffusivity_um2_per_ms", "t2_ms"}} at x ({} without a
+        compartment fit)."""
+        t = self.params.tissue
+        if t is None:
+            return {}
+        D, T2 = t.values(self.params.tissue_part(x))
+        return {c.name: dict(diffusivity_um2_per_ms=float(D[i]),
+                             t2_ms=None if T2 is None else float(T2[i]))
+                for i, c in enumerate(self.cfg.compartments)}
 
     # -- data ------------------------------------------------------------------------------
     @property
@@ -99,8 +125,11 @@ class Case:
         return self.phantom.membrane if self.cfg.geometry.kind != "none" else None
 
     def start_x(self) -> np.ndarray:
-        """x0: inversion.start_um_per_ms on every active face."""
-        return np.full(self.params.size, np.log10(self.cfg.inversion.start_um_per_ms))
+        """x0: inversion.start_um_per_ms on every active face (then the compartment
+        parameters' start values, when they are fitted)."""
+        x = np.full(self.params.num_faces, np.log10(self.cfg.inversion.start_um_per_ms))
+        t = self.params.tissue
+        return x if t is None else np.concatenate([x, t.initial()])
 
     def start_kappa(self) -> np.ndarray:
         return np.full(self.phantom.faces.num_faces, float(self.cfg.inversion.start_um_per_ms))
@@ -141,6 +170,9 @@ class Case:
     def model(self, misfit: SignalMisfit, weights: PriorWeights,
               reference_x: np.ndarray) -> Model:
         """The inverse problem's model: misfit + priors on x = log10 kappa."""
+        if self.params.tissue is not None and not hasattr(misfit, "tissue_gradient"):
+            raise InputError(self.cfg.source, "inversion.fit_compartments",
+                             "fitting compartment parameters needs the reduced model")
         return Model(self.params, misfit, self.priors, weights, reference_x)
 
     def stage_model(self, stage_index: int, num_modes: int, reference_x: np.ndarray,

@@ -179,7 +179,7 @@ class Inversion:
         self._stop, self._signal, self.stopped = stop, 0, None
         t_start = time.perf_counter() - state.elapsed
         self._clock = (time.perf_counter(), 0)
-        segment = _Segment(self.comm, self.params.size, self.params.lower, self.params.upper,
+        segment = _Segment(self.comm, self.params.size, *self.params.bounds(),
                            tao_type=inv.optimizer,
                            adam=AdamSettings(inv.adam_lr, inv.adam_warmup,
                                              inv.adam_final_lr_factor, inv.clip_grad_norm,
@@ -267,6 +267,9 @@ class Inversion:
         the last stage's mode count and the stages' model settings, normalised as the misfit
         is (inversion.normalisation). Collective."""
         misfit = self.case.misfit(None, num_modes=state.modes[-1], **MODEL_OPTIONS)
+        t = self.params.tissue
+        if t is not None:   # the fitted compartment parameters of the final iterate
+            misfit.set_tissue(*t.cell_fields(self.params.tissue_part(state.x)))
         return [np.asarray(s) for s in misfit.signals(self.kappa(state.x))]
 
     def _stop_requested(self) -> bool:

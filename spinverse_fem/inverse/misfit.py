@@ -129,7 +129,7 @@ class SignalMisfit:
     def _evaluate(self, kappa: np.ndarray) -> dict:
         """The forward state at kappa (cached: the gradient reuses the cost's solve)."""
         kappa = np.asarray(kappa, dtype=np.float64)
-        key = kappa.tobytes()
+        key = (kappa.tobytes(), self._version())
         if self._cache_key == key:
             return self._state
         state = self._signals(kappa)
@@ -155,6 +155,10 @@ class SignalMisfit:
             return shat_bar / s0, None
         s0_bar = -float(np.sum(np.real(np.conj(shat_bar) * state["signals"][k]))) / s0
         return shat_bar / s0, s0_bar
+
+    def _version(self) -> int:
+        """Changes when the model's operators change other than through kappa (cache key)."""
+        return 0
 
     # -- the functional --------------------------------------------------------------------
     def cost(self, kappa: np.ndarray) -> float:
@@ -295,9 +299,12 @@ class ReducedMisfit(SignalMisfit):
 
     def set_tissue(self, diffusivity_um2_per_ms=None, relaxation_per_ms=None) -> None:
         """Change D (um^2/ms) and / or 1/T2 (1/ms) per tetrahedron (`ops.set_tissue`); the
-        next evaluation solves anew."""
+        next evaluation solves anew (the operators' tissue version is part of the cache key;
+        unchanged values change nothing)."""
         self.model.ops.set_tissue(diffusivity_um2_per_ms, relaxation_per_ms)
-        self._cache_key = self._state = None
+
+    def _version(self) -> int:
+        return self.model.ops.tissue_version
 
     def tissue_gradient(self, kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dJ/dD_t in ms/um^2, dJ/dr_t in ms) per tetrahedron t (input order, replicated),

@@ -64,7 +64,14 @@ class Model:
         """A frozen-basis misfit's refresh at x (`inverse.frozen_basis`): the objective changes
         here. Returns the mode count."""
         self._cache = None
+        self._set_tissue(x)
         return self.misfit.refresh(self.params.to_kappa(x))
+
+    def _set_tissue(self, x: np.ndarray) -> None:
+        """The compartment parameters of x into the forward operators (when they are fitted)."""
+        t = self.params.tissue
+        if t is not None:
+            self.misfit.set_tissue(*t.cell_fields(self.params.tissue_part(x)))
 
     def update_prior_weights(self, x: np.ndarray, manifold: float) -> None:
         """Re-evaluate w_ij = clip(1 - |p_i - p_j|, 0, 1) at x (then held fixed) and set the
@@ -81,6 +88,7 @@ class Model:
     def cost(self, x: np.ndarray) -> float:
         """Phi(x) (dimensionless)."""
         kappa = self.params.to_kappa(x)
+        self._set_tissue(x)
         jd = self.misfit.cost(kappa)
         jc, _, jm, _ = self._priors(np.log10(kappa))
         return float(jd + self.weights.continuity * jc + self.weights.manifold * jm)
@@ -93,12 +101,17 @@ class Model:
             return self._cache[1], self._cache[2].copy()
         p = self.params
         kappa = p.to_kappa(x)
+        self._set_tissue(x)
         jd, gk = self.misfit.cost_and_gradient(kappa)
         grad = p.pullback(kappa, gk)
         jc, gc, jm, gm = self._priors(np.log10(kappa))
         w = self.weights
         total = jd + w.continuity * jc + w.manifold * jm
         grad = grad + w.continuity * gc[p.active] + w.manifold * gm[p.active]
+        if p.tissue is not None:
+            # the same adjoint, paired cell by cell (ReducedMisfit.tissue_gradient)
+            grad = np.concatenate([grad, p.tissue.pullback(
+                p.tissue_part(x), *self.misfit.tissue_gradient(kappa))])
         cut = self.misfit.last_cut
         self.last_terms = dict(misfit=jd, continuity=jc, manifold=jm, total=total,
                                continuity_weight=w.continuity, manifold_weight=w.manifold,

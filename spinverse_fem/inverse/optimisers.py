@@ -190,12 +190,15 @@ class AdamTao:
         if not lb.handle or not ub.handle:
             raise ValueError("TAO type adam needs variable bounds (TAOSetVariableBounds): "
                              "x = lower + (upper - lower) logistic(v)")
+        self._scatter, self._full = PETSc.Scatter.toAll(tao.getSolution())
         # min/max are exact, so the bounds (and every iterate) do not depend on the rank count
         lower, upper = lb.min()[1], ub.max()[1]
-        if lb.max()[1] != lower or ub.min()[1] != upper or not lower < upper:
-            raise ValueError("TAO type adam needs uniform scalar bounds lower < upper")
-        self.adam = Adam.from_settings(float(lower), float(upper), self.settings)
-        self._scatter, self._full = PETSc.Scatter.toAll(tao.getSolution())
+        if lb.max()[1] != lower or ub.min()[1] != upper:
+            # per-variable bounds (fitted compartment parameters after the faces): replicated
+            lower, upper = self._gather(lb), self._gather(ub)
+        if not np.all(np.asarray(lower) < np.asarray(upper)):
+            raise ValueError("TAO type adam needs bounds lower < upper")
+        self.adam = Adam.from_settings(lower, upper, self.settings)
 
     def destroy(self, tao) -> None:
         for obj in (self._scatter, self._full):
@@ -274,8 +277,12 @@ class TaoSegment:
         self.x = PETSc.Vec().createMPI(n, comm=comm)
         self.lb = self.x.duplicate()
         self.ub = self.x.duplicate()
-        self.lb.set(lower)
-        self.ub.set(upper)
+        r0, r1 = self.x.getOwnershipRange()
+        for vec, b in ((self.lb, lower), (self.ub, upper)):
+            if np.ndim(b) == 0:
+                vec.set(float(b))
+            else:
+                vec.setArray(np.asarray(b, dtype=float)[r0:r1])
         self.g = self.x.duplicate()
         self.tao_type = tao_type
         self.gatol = gatol
