@@ -32,6 +32,11 @@ def stiffness(u, v, diffusivity, dx):
     return diffusivity * ufl.inner(ufl.grad(u), ufl.grad(v)) * dx
 
 
+def anisotropic_stiffness(u, v, tensor, dx):
+    """Broken stiffness (D grad u, grad v) with D a 3 x 3 tensor in um^2/ms (per cell)."""
+    return ufl.inner(ufl.dot(tensor, ufl.grad(u)), ufl.grad(v)) * dx
+
+
 def moment(u, v, axis: int, dx):
     """(x_axis u, v) in um^4: the gradient-encoding operator J_axis."""
     x = ufl.SpatialCoordinate(u.ufl_function_space().mesh)

@@ -397,11 +397,33 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
         t2 = t.number("t2_ms", None, gt=0)
         if t.has("t2_start_ms") and t2 is None:
             raise t.error("t2_start_ms", "needs t2_ms (this compartment does not relax)")
-        out.append(CompartmentConfig(name, t.number("diffusivity_um2_per_ms", gt=0), t2, tag,
-                                     region,
+        D, tensor = _diffusivity(t)
+        out.append(CompartmentConfig(name, D, t2, tag, region,
                                      t.number("diffusivity_start_um2_per_ms", None, gt=0),
-                                     t.number("t2_start_ms", None, gt=0)))
+                                     t.number("t2_start_ms", None, gt=0), tensor))
     return tuple(out)
+
+
+def _diffusivity(t: _Table) -> tuple[float, tuple | None]:
+    """compartment.diffusivity_um2_per_ms: a number D > 0, or a symmetric positive definite
+    3 x 3 tensor (um^2/ms, grid axes). Returns (D or the tensor's mean diffusivity, the tensor
+    as a tuple of rows or None)."""
+    key = "diffusivity_um2_per_ms"
+    raw = t.raw(key)
+    if not isinstance(raw, list):
+        return t.number(key, gt=0), None
+    if len(raw) != 3 or not all(isinstance(r, list) and len(r) == 3 for r in raw):
+        raise t.error(key, "must be a number or a 3 x 3 tensor [[Dxx, Dxy, Dxz], [Dyx, Dyy, "
+                      f"Dyz], [Dzx, Dzy, Dzz]], got {raw!r}")
+    Dt = np.array([[_number(v, t.source, f"{t.field(key)}[{i}][{j}]") for j, v in enumerate(r)]
+                   for i, r in enumerate(raw)])
+    if not np.allclose(Dt, Dt.T, rtol=1e-12, atol=0.0):
+        raise t.error(key, "the tensor must be symmetric")
+    ev = np.linalg.eigvalsh(Dt)
+    if not ev[0] > 0:
+        raise t.error(key, f"the tensor must be positive definite (eigenvalues {ev.tolist()} "
+                      "um^2/ms)")
+    return float(np.trace(Dt) / 3.0), tuple(tuple(float(v) for v in r) for r in Dt)
 
 
 def _membranes(raw, source: str, grid: GridConfig,
@@ -784,6 +806,12 @@ def parse_config(text: str, source: str = "<string>", base_dir: str | Path | Non
     if inversion.fit_compartments and not compartments:
         raise InputError(source, "inversion.fit_compartments", "needs [[compartment]] tables "
                          "(their parameters are what is fitted)")
+    if "diffusivity" in inversion.fit_compartments:
+        for i, c in enumerate(compartments):
+            if c.diffusion_tensor_um2_per_ms is not None:
+                raise InputError(source, f"compartment[{i}].diffusivity_um2_per_ms",
+                                 "a tensor: inversion.fit_compartments can fit a scalar D "
+                                 "only")
     if "t2" in inversion.fit_compartments:
         for i, c in enumerate(compartments):
             if c.t2_ms is None:

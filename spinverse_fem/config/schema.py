@@ -151,6 +151,9 @@ class CompartmentConfig:
     region: str | None = None
     diffusivity_start_um2_per_ms: float | None = None
     t2_start_ms: float | None = None
+    # a 3 x 3 symmetric positive definite tensor (rows, um^2/ms, grid axes) when the table
+    # gives one; diffusivity_um2_per_ms is then its mean diffusivity (trace / 3)
+    diffusion_tensor_um2_per_ms: tuple | None = None
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,12 @@ class BlochTorreyOperators:
     t2_ms: optional T2 relaxation time (ms), or
     relaxation_per_ms: 1/T2 in 1/ms, one value or (T,) per tetrahedron (input tet order;
     compartments), instead of t2_ms
+    diffusion_tensor: optional (T, 3, 3) per-tetrahedron tensors in um^2/ms (anisotropic
+    compartments); replaces diffusivity_um2_per_ms in the stiffness
     """
 
     def __init__(self, space: FaceSpace, diffusivity_um2_per_ms, outer: str = "neumann",
-                 t2_ms: float | None = None, relaxation_per_ms=None):
+                 t2_ms: float | None = None, relaxation_per_ms=None, diffusion_tensor=None):
         if outer not in OUTER_CONDITIONS:
             raise ValueError(f"outer must be one of {OUTER_CONDITIONS}, got {outer!r}")
         self.space = space
@@ -53,8 +55,13 @@ class BlochTorreyOperators:
 
         self.M = self._assemble(bt.mass(u, v, self.dx))
         self.J = [self._assemble(bt.moment(u, v, i, self.dx)) for i in range(3)]
-        a = (bt.stiffness(u, v, self.diffusivity, self.dx)
-             + bt.face_coupling(u, v, self.kappa, self.dS))
+        self.tensor = None
+        if diffusion_tensor is not None:
+            self.tensor = self._cell_tensor(diffusion_tensor)
+            stiff = bt.anisotropic_stiffness(u, v, self.tensor, self.dx)
+        else:
+            stiff = bt.stiffness(u, v, self.diffusivity, self.dx)
+        a = stiff + bt.face_coupling(u, v, self.kappa, self.dS)
         if outer == "robin":
             a = a + bt.robin_sink(u, v, self.kappa, self.ds)
         if t2_ms is not None and relaxation_per_ms is not None:
@@ -88,6 +95,20 @@ class BlochTorreyOperators:
         f.x.array[Vd.dofmap.list[cells, 0]] = d[original]
         return f
 
+    def _cell_tensor(self, tensors) -> fem.Function:
+        """A DG0 3 x 3 tensor function from (T, 3, 3) values (input tet order)."""
+        t = np.asarray(tensors, dtype=np.float64)
+        Vt = fem.functionspace(self.space.mesh, ("DG", 0, (3, 3)))
+        f = fem.Function(Vt, name="diffusion_tensor_um2_per_ms")
+        cmap = self.space.mesh.topology.index_map(3)
+        cells = np.arange(cmap.size_local + cmap.num_ghosts, dtype=np.int32)
+        original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]
+        bs = 9
+        dofs = Vt.dofmap.list[cells, 0]
+        arr = f.x.array.reshape(-1, bs)
+        arr[dofs] = t[original].reshape(-1, 9)
+        return f
+
     def _set_cell_values(self, coef, d, name: str) -> None:
         d = np.asarray(d, dtype=np.float64)
         if isinstance(coef, fem.Constant):
@@ -117,6 +138,8 @@ class BlochTorreyOperators:
             old if new is None else np.array(new, dtype=np.float64)
             for new, old in zip((diffusivity_um2_per_ms, relaxation_per_ms), current))
         self.tissue_version += 1
+        if diffusivity_um2_per_ms is not None and self.tensor is not None:
+            raise ValueError("these operators use diffusion tensors: a scalar D cannot be set")
         if diffusivity_um2_per_ms is not None:
             self._set_cell_values(self.diffusivity, diffusivity_um2_per_ms,
                                   "diffusivity_um2_per_ms")

@@ -38,10 +38,10 @@ class ForwardModel:
         self.space = create_face_space(comm, phantom.grid.points, phantom.grid.tets)
         # D and 1/T2 from the phantom: [physics], or per tetrahedron from [[compartment]]
         self.ops = BlochTorreyOperators(self.space, phantom.diffusivity, outer=phantom.outer,
-                                        relaxation_per_ms=phantom.relaxation)
+                                        relaxation_per_ms=phantom.relaxation,
+                                        diffusion_tensor=phantom.diffusion_tensor)
         # the cutoff of the fastest compartment (more modes, never fewer than any one needs)
-        self.lam_max = cutoff_eigenvalue(float(np.max(phantom.diffusivity)),
-                                         eigen.length_scale_um)
+        self.lam_max = cutoff_eigenvalue(phantom.max_diffusivity, eigen.length_scale_um)
         if phantom.relaxation is not None:
             # relaxation shifts the spectrum by between its smallest and largest rate
             self.lam_max += float(np.max(phantom.relaxation))

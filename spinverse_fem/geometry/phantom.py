@@ -23,7 +23,9 @@ class Phantom:
     outer: "neumann" | "robin"; active (F,) bool: faces whose kappa enters the model;
     diffusivity: um^2/ms, one value or (T,) per tetrahedron; relaxation: (T,) 1/T2 in 1/ms per
     tetrahedron, one value, or None (no relaxation); compartment: (T,) index into
-    cfg.compartments, or None without [[compartment]] tables."""
+    cfg.compartments, or None without [[compartment]] tables; diffusion_tensor: (T, 3, 3)
+    um^2/ms when a compartment has a tensor (isotropic ones D I; diffusivity then holds the
+    mean diffusivities), else None."""
 
     grid: Grid
     faces: FaceTable
@@ -33,6 +35,14 @@ class Phantom:
     diffusivity: float | np.ndarray = 2.0
     relaxation: float | np.ndarray | None = None
     compartment: np.ndarray | None = None
+    diffusion_tensor: np.ndarray | None = None
+
+    @property
+    def max_diffusivity(self) -> float:
+        """The largest diffusivity in any direction (um^2/ms): the eigenvalue cut-off's D."""
+        if self.diffusion_tensor is not None:
+            return float(np.max(np.linalg.eigvalsh(self.diffusion_tensor)))
+        return float(np.max(self.diffusivity))
 
     @property
     def active(self) -> np.ndarray:
@@ -201,6 +211,12 @@ def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
     if cfg.compartments:
         index, D, relax = compartment_fields(cfg, grid)
         fields = dict(diffusivity=D, relaxation=relax, compartment=index)
+        if any(c.diffusion_tensor_um2_per_ms is not None for c in cfg.compartments):
+            tensors = np.array([np.asarray(c.diffusion_tensor_um2_per_ms)
+                                if c.diffusion_tensor_um2_per_ms is not None
+                                else c.diffusivity_um2_per_ms * np.eye(3)
+                                for c in cfg.compartments])
+            fields["diffusion_tensor"] = tensors[index]
     return Phantom(grid=grid, faces=faces, membrane=membrane, kappa=kappa,
                    outer=cfg.permeability.outer, **fields)
 
@@ -214,9 +230,12 @@ def tissue_summary(cfg: Config, phantom: Phantom) -> list[str]:
         for i, c in enumerate(cfg.compartments):
             sel = phantom.compartment == i
             t2 = "no relaxation" if c.t2_ms is None else f"T2 {c.t2_ms:g} ms"
+            d = (f"D {c.diffusivity_um2_per_ms:g} um^2/ms" if c.diffusion_tensor_um2_per_ms
+                 is None else "D tensor, eigenvalues " + " ".join(
+                     f"{v:.4g}" for v in np.linalg.eigvalsh(c.diffusion_tensor_um2_per_ms))
+                 + " um^2/ms")
             lines.append(f"compartment {c.name!r}: {int(sel.sum())} tetrahedra, "
-                         f"{vol[sel].sum():.4g} um^3, D {c.diffusivity_um2_per_ms:g} um^2/ms, "
-                         f"{t2}")
+                         f"{vol[sel].sum():.4g} um^3, {d}, {t2}")
     for m in cfg.membranes:
         n = int(np.sum(phantom.grid.membrane_tags == m.tag))
         lines.append(f"membrane {m.name!r} (tag {m.tag}): {n} faces, kappa "
