@@ -10,6 +10,7 @@ and under mpiexec -n 2 (the gradient is replicated; the direction is the same on
 
 import numpy as np
 import pytest
+from test_tissue_compartments import TWO
 
 from spinverse_fem.config import parse_config
 from spinverse_fem.inverse.case import Case
@@ -30,17 +31,7 @@ open_um_per_ms = 100.0
 outer = "neumann"
 [eigen]
 length_scale_um = 2.0
-[[compartment]]
-name = "left"
-region = "inside"
-diffusivity_um2_per_ms = 1.0
-t2_ms = 40.0
-[[compartment]]
-name = "right"
-region = "outside"
-diffusivity_um2_per_ms = 2.5
-t2_ms = 100.0
-[[sequence]]
+""" + TWO + """[[sequence]]
 type = "pgse"
 delta_ms = 5.0
 Delta_ms = 20.0

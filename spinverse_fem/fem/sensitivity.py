@@ -24,20 +24,42 @@ from spinverse_fem.fem.operators import BlochTorreyOperators
 from spinverse_fem.forms import bloch_torrey as bt
 
 
-class FaceSensitivity:
-    """Callable: (A, B) local owned rows (n_owned, k) -> (F,) canonical, replicated."""
+class _BlockedPairs:
+    """The two blocked broken-P1 functions a, b (`chunk` columns each) that a sensitivity
+    form pairs, filled chunk by chunk from local owned rows (n_owned, k)."""
 
     def __init__(self, ops: BlochTorreyOperators, chunk: int = 16):
         self.ops = ops
         self.chunk = int(chunk)
-        space = ops.space
-        V = space.V
-        Vk = fem.functionspace(space.mesh, ("DG", 1, (self.chunk,)))
+        V = ops.space.V
+        Vk = fem.functionspace(ops.space.mesh, ("DG", 1, (self.chunk,)))
         if not np.array_equal(Vk.dofmap.list, V.dofmap.list):
             raise RuntimeError("blocked and scalar broken-P1 dof layouts differ")
         self.n_owned = V.dofmap.index_map.size_local
         self.a = fem.Function(Vk)
         self.b = fem.Function(Vk)
+
+    def _fill(self, f: fem.Function, X: np.ndarray) -> None:
+        block = np.zeros((self.n_owned, self.chunk))
+        block[:, : X.shape[1]] = X
+        f.x.array[: self.n_owned * self.chunk] = block.ravel()
+        f.x.scatter_forward()
+
+    def _check(self, A: np.ndarray, B: np.ndarray) -> int:
+        """The number of column chunks every rank assembles (collective: the same on all)."""
+        from mpi4py import MPI
+
+        if A.shape != B.shape or A.shape[0] != self.n_owned:
+            raise ValueError(f"expected two ({self.n_owned}, k) arrays, got {A.shape}, {B.shape}")
+        return self.ops.comm.allreduce(A.shape[1], op=MPI.MAX)
+
+
+class FaceSensitivity(_BlockedPairs):
+    """Callable: (A, B) local owned rows (n_owned, k) -> (F,) canonical, replicated."""
+
+    def __init__(self, ops: BlochTorreyOperators, chunk: int = 16):
+        super().__init__(ops, chunk)
+        space = ops.space
         w = ufl.TestFunction(space.Q)
         L = bt.interior_face_sensitivity(w, self.a, self.b, ops.dS)
         if ops.outer == "robin":
@@ -46,19 +68,10 @@ class FaceSensitivity:
         self.vec = fem_petsc.create_vector(space.Q)
         self.n_q_owned = space.Q.dofmap.index_map.size_local
 
-    def _fill(self, f: fem.Function, X: np.ndarray) -> None:
-        block = np.zeros((self.n_owned, self.chunk))
-        block[:, : X.shape[1]] = X
-        f.x.array[: self.n_owned * self.chunk] = block.ravel()
-        f.x.scatter_forward()
-
     def owned(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """Sensitivities on this rank's owned faces (in Q owned-dof order)."""
-        if A.shape != B.shape or A.shape[0] != self.n_owned:
-            raise ValueError(f"expected two ({self.n_owned}, k) arrays, got {A.shape}, {B.shape}")
+        ncols = self._check(A, B)
         out = np.zeros(self.n_q_owned)
-        # every rank runs the same number of (collective) assemblies
-        ncols = self.ops.comm.allreduce(A.shape[1], op=__import__("mpi4py").MPI.MAX)
         for c0 in range(0, ncols, self.chunk):
             self._fill(self.a, A[:, c0:c0 + self.chunk])
             self._fill(self.b, B[:, c0:c0 + self.chunk])
@@ -74,7 +87,7 @@ class FaceSensitivity:
         return self.ops.space.gather_face_vector(self.owned(A, B))
 
 
-class CellSensitivity:
+class CellSensitivity(_BlockedPairs):
     """Callable: (A, B) local owned rows (n_owned, k) -> (stiffness (T,), mass (T,)), input
     tetrahedron order, replicated:
 
@@ -87,16 +100,8 @@ class CellSensitivity:
     the same pairings as `FaceSensitivity`, cell by cell (the compartment parameters)."""
 
     def __init__(self, ops: BlochTorreyOperators, chunk: int = 16):
-        self.ops = ops
-        self.chunk = int(chunk)
+        super().__init__(ops, chunk)
         space = ops.space
-        V = space.V
-        Vk = fem.functionspace(space.mesh, ("DG", 1, (self.chunk,)))
-        if not np.array_equal(Vk.dofmap.list, V.dofmap.list):
-            raise RuntimeError("blocked and scalar broken-P1 dof layouts differ")
-        self.n_owned = V.dofmap.index_map.size_local
-        self.a = fem.Function(Vk)
-        self.b = fem.Function(Vk)
         W0 = fem.functionspace(space.mesh, ("DG", 0))
         w = ufl.TestFunction(W0)
         self.forms = [fem.form(bt.cell_stiffness_sensitivity(w, self.a, self.b, ops.dx)),
@@ -111,16 +116,11 @@ class CellSensitivity:
     def __call__(self, A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from mpi4py import MPI
 
-        if A.shape != B.shape or A.shape[0] != self.n_owned:
-            raise ValueError(f"expected two ({self.n_owned}, k) arrays, got {A.shape}, {B.shape}")
+        ncols = self._check(A, B)
         out = [np.zeros(self.num_cells), np.zeros(self.num_cells)]
-        ncols = self.ops.comm.allreduce(A.shape[1], op=MPI.MAX)
         for c0 in range(0, ncols, self.chunk):
-            for f, X in ((self.a, A), (self.b, B)):
-                block = np.zeros((self.n_owned, self.chunk))
-                block[:, : X[:, c0:c0 + self.chunk].shape[1]] = X[:, c0:c0 + self.chunk]
-                f.x.array[: self.n_owned * self.chunk] = block.ravel()
-                f.x.scatter_forward()
+            self._fill(self.a, A[:, c0:c0 + self.chunk])
+            self._fill(self.b, B[:, c0:c0 + self.chunk])
             for o, form in zip(out, self.forms):
                 with self.vec.localForm() as loc:
                     loc.set(0.0)
