@@ -197,6 +197,17 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
               f"{np.log10(cfg.inversion.kappa_max_um_per_ms):g}]), optimiser "
               f"{cfg.inversion.optimizer}, curriculum {cfg.inversion.curriculum}, "
               f"{comm.size} rank(s)")
+    from spinverse_fem.geometry.phantom import tissue_summary
+
+    for line in tissue_summary(cfg, problem):
+        say(comm, "  " + line)
+    if case.params.tissue is not None:
+        start = case.tissue_values(case.start_x())
+        say(comm, f"  also fitted: {' and '.join(cfg.inversion.fit_compartments)} of every "
+                  "compartment, from " + "; ".join(
+                      f"{name} D {v['diffusivity_um2_per_ms']:.4g} um^2/ms"
+                      + ("" if v["t2_ms"] is None else f", T2 {v['t2_ms']:.4g} ms")
+                      for name, v in start.items()))
     inv = Inversion(case, log=lambda s: say(comm, s),
                     observer=lambda kappa: score(problem, kappa, threshold, truth))
     start_tag = ""
