@@ -417,6 +417,7 @@ def worker_paper(repeats: int, keys: list[str], fd_faces: int = FD_FACES) -> dic
 
     def signals(K, seq):
         sub = ReducedSystem(lam=system.lam[:K], W=system.W[:, :K, :K], nu0=system.nu0[:K],
+                            readout=None if system.readout is None else system.readout[:K],
                             volume=system.volume)
         return propagator(sub, seq).signals()
 

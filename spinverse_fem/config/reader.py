@@ -369,7 +369,7 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
     for i, c in enumerate(raw):
         t = _Table(c, source, f"compartment[{i}]")
         t.allow(["name", "diffusivity_um2_per_ms", "t2_ms", "tag", "region",
-                 "diffusivity_start_um2_per_ms", "t2_start_ms"])
+                 "diffusivity_start_um2_per_ms", "t2_start_ms", "spin_density"])
         name = t.string("name", f"compartment {i}")
         if name in names:
             raise t.error("name", f"duplicate compartment name {name!r}")
@@ -400,7 +400,8 @@ def _compartments(raw, source: str, grid: GridConfig, geometry: GeometryConfig,
         D, tensor = _diffusivity(t)
         out.append(CompartmentConfig(name, D, t2, tag, region,
                                      t.number("diffusivity_start_um2_per_ms", None, gt=0),
-                                     t.number("t2_start_ms", None, gt=0), tensor))
+                                     t.number("t2_start_ms", None, gt=0), tensor,
+                                     t.number("spin_density", 1.0, gt=0)))
     return tuple(out)
 
 

@@ -137,12 +137,12 @@ COMPARTMENT_REGIONS = ("inside", "outside")
 
 @dataclass(frozen=True)
 class CompartmentConfig:
-    """[[compartment]]: a tissue compartment with its own diffusivity (um^2/ms) and T2 (ms;
-    None = no relaxation), selected on a file grid by a volume physical `tag` and on a
-    generated grid by `region` "inside" / "outside" the [geometry] shape (the same inside rule
-    as the ground-truth membrane). With [inversion] fit_compartments the fit of D (T2) starts
-    at diffusivity_start_um2_per_ms (t2_start_ms), default the value itself (which simulated
-    targets use as the truth)."""
+    """[[compartment]]: a tissue compartment with its own diffusivity (um^2/ms), T2 (ms;
+    None = no relaxation) and relative spin density, selected on a file grid by a volume
+    physical `tag` and on a generated grid by `region` "inside" / "outside" the [geometry]
+    shape (the same inside rule as the ground-truth membrane). With [inversion]
+    fit_compartments the fit of D (T2) starts at diffusivity_start_um2_per_ms (t2_start_ms),
+    default the value itself (which simulated targets use as the truth)."""
 
     name: str
     diffusivity_um2_per_ms: float
@@ -154,6 +154,9 @@ class CompartmentConfig:
     # a 3 x 3 symmetric positive definite tensor (rows, um^2/ms, grid axes) when the table
     # gives one; diffusivity_um2_per_ms is then its mean diffusivity (trace / 3)
     diffusion_tensor_um2_per_ms: tuple | None = None
+    # initial magnetisation per unit volume relative to the other compartments (> 0,
+    # dimensionless): signals are normalised by S0, so only the ratios matter
+    spin_density: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,16 @@ class BlochTorreyOperators:
     compartments), instead of t2_ms
     diffusion_tensor: optional (T, 3, 3) per-tetrahedron tensors in um^2/ms (anisotropic
     compartments); replaces diffusivity_um2_per_ms in the stiffness
+    spin_density: optional (T,) relative initial magnetisation per tetrahedron (input order;
+    compartments with different spin densities). Without it m(0) = 1.
+
+    `initial` is m(0) on this rank's owned dofs (None: every dof 1) and `mass_initial` the
+    vector M m(0) (None: it is `mass_ones`); the signal is always read out as (M 1)^T m(TE).
     """
 
     def __init__(self, space: FaceSpace, diffusivity_um2_per_ms, outer: str = "neumann",
-                 t2_ms: float | None = None, relaxation_per_ms=None, diffusion_tensor=None):
+                 t2_ms: float | None = None, relaxation_per_ms=None, diffusion_tensor=None,
+                 spin_density=None):
         if outer not in OUTER_CONDITIONS:
             raise ValueError(f"outer must be one of {OUTER_CONDITIONS}, got {outer!r}")
         self.space = space
@@ -79,6 +85,9 @@ class BlochTorreyOperators:
         ones.set(1.0)
         self.mass_ones = self.M.createVecLeft()
         self.M.mult(ones, self.mass_ones)
+        self.initial = self.mass_initial = None
+        if spin_density is not None:
+            self._set_initial(spin_density)
         self._kappa_values: np.ndarray | None = None
         self.tissue_version = 0   # incremented by every set_tissue that changes D or 1/T2
 
@@ -94,6 +103,18 @@ class BlochTorreyOperators:
         original = np.asarray(self.space.mesh.topology.original_cell_index)[cells]
         f.x.array[Vd.dofmap.list[cells, 0]] = d[original]
         return f
+
+    def _set_initial(self, spin_density) -> None:
+        rho = np.asarray(spin_density, dtype=np.float64)
+        if rho.ndim != 1 or not np.all(np.isfinite(rho)) or np.any(rho <= 0):
+            raise ValueError("spin_density must be (T,) finite positive values per tetrahedron")
+        # the cellwise constant is exactly representable in the broken P1 space
+        m0 = fem.Function(self.space.V)
+        m0.interpolate(self._cell_coefficient(rho, "spin_density"))
+        x = m0.x.petsc_vec
+        self.initial = x.getArray(readonly=True).copy()
+        self.mass_initial = self.M.createVecLeft()
+        self.M.mult(x, self.mass_initial)
 
     def _cell_tensor(self, tensors) -> fem.Function:
         """A DG0 3 x 3 tensor function from (T, 3, 3) values (input tet order)."""

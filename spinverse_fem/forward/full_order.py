@@ -4,7 +4,8 @@ system on the broken P1 space, and its exact discrete adjoint for per-face perme
 Semi-discrete system for measurement c (direction g_c, strength q_c in 1/(um ms)) of a sequence
 with piecewise-constant waveform f(t) in [-1, 1]:
 
-    M dm/dt = -(L(kappa) + i q_c f(t) G_c) m,   G_c = g_c . J,   m(0) = 1 (every dof),
+    M dm/dt = -(L(kappa) + i q_c f(t) G_c) m,   G_c = g_c . J,   m(0) = rho (every dof: the
+                                                  spin density, 1 unless compartments differ),
     S_c = (M 1)^T m(TE)                         (complex, unnormalised, um^3).
 
 PETSc is real-scalar, so m = a + i b and z = [a; b] (2N real unknowns, per rank laid out as
@@ -526,7 +527,7 @@ class FullOrderModel:
             plans = self._plan(grid, V)
             N, K = len(plans), self.checkpoint_interval
             X = np.zeros((len(batch), 2 * nloc))
-            X[:, :nloc] = 1.0
+            X[:, :nloc] = 1.0 if self.ops.initial is None else self.ops.initial
             ckpt = {0: X}
             if want_grad:
                 def keep(n):

@@ -23,10 +23,10 @@ from spinverse_fem.geometry.phantom import Phantom
 class ForwardModel:
     """Owns the distributed discretisation of one phantom and evaluates signals for any kappa.
 
-    comm: communicator; phantom: grid, faces, outer condition, D and 1/T2 (from [physics] or
-    per tetrahedron from [[compartment]]); physics: [physics] (kept for reference; the phantom's
-    values are used); eigen: the mode-count rule (length scale l in um, cap, or a fixed
-    count).
+    comm: communicator; phantom: grid, faces, outer condition, D, 1/T2 and spin density (from
+    [physics] or per tetrahedron from [[compartment]]); physics: [physics] (kept for
+    reference; the phantom's values are used); eigen: the mode-count rule (length scale l
+    in um, cap, or a fixed count).
     """
 
     def __init__(self, comm: MPI.Comm, phantom: Phantom, physics: PhysicsConfig,
@@ -39,7 +39,8 @@ class ForwardModel:
         # D and 1/T2 from the phantom: [physics], or per tetrahedron from [[compartment]]
         self.ops = BlochTorreyOperators(self.space, phantom.diffusivity, outer=phantom.outer,
                                         relaxation_per_ms=phantom.relaxation,
-                                        diffusion_tensor=phantom.diffusion_tensor)
+                                        diffusion_tensor=phantom.diffusion_tensor,
+                                        spin_density=phantom.spin_density)
         # the cutoff of the fastest compartment (more modes, never fewer than any one needs)
         self.lam_max = cutoff_eigenvalue(phantom.max_diffusivity, eigen.length_scale_um)
         if phantom.relaxation is not None:

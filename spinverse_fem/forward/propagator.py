@@ -400,6 +400,9 @@ class SequencePropagator:
     W : (3, K, K) real moment matrices (um); symmetrised internally (must be symmetric to
         1e-10 relative).
     nu0 : (K,) real initial coefficients (um^{3/2}).
+    readout : optional (K,) real read-out coefficients a (um^{3/2}): S_c = a^T nu_c(TE). None:
+        a = nu0 (a uniform spin density). With a != nu0 a time-antisymmetric waveform gives
+        S_c = conj(E_h..E_1 a)^T E_mid (E_h..E_1 nu0): two propagated columns per measurement.
     segments : ((dt_ms, f), ...) piecewise-constant normalised waveform, dt >= 0 (zero-length
         segments are dropped).
     q : (n,) gradient strengths (1/(um ms)).
@@ -409,7 +412,8 @@ class SequencePropagator:
     vjp_memory_mb : cap on the Taylor-term stacks held at once by `vjp` (sets the batch size).
 
     `signals()` returns S (n,) complex (um^3); `vjp(S_bar)` returns (lam_bar (K,),
-    W_bar (3, K, K) symmetric, nu0_bar (K,)). Inputs are copied.
+    W_bar (3, K, K) symmetric, nu0_bar (K,)), and readout_bar (K,) as a fourth entry when a
+    read-out vector was given. Inputs are copied.
     """
 
     def __init__(
@@ -421,6 +425,7 @@ class SequencePropagator:
         q,
         directions,
         *,
+        readout=None,
         tol: float = UNIT_ROUNDOFF,
         use_time_reversal: bool = True,
         mixed_chunk: int = _MIXED_CHUNK,
@@ -442,7 +447,12 @@ class SequencePropagator:
             raise ValueError(
                 f"q must be (n,) and directions (n, 3), got {q.shape}, {directions.shape}"
             )
-        named = (("lam", lam), ("W", W), ("nu0", nu0), ("q", q), ("directions", directions))
+        if readout is not None:
+            readout = np.array(readout, dtype=float)
+            if readout.shape != (K,):
+                raise ValueError(f"readout must have shape ({K},), got {readout.shape}")
+        named = (("lam", lam), ("W", W), ("nu0", nu0), ("q", q), ("directions", directions),
+                 ("readout", np.zeros(0) if readout is None else readout))
         for name, arr in named:
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{name} has non-finite entries")
@@ -456,6 +466,7 @@ class SequencePropagator:
 
         self.K, self.n = K, q.size
         self.lam, self.W, self.nu0 = lam, W, nu0
+        self.readout = readout
         self.tol = float(tol)
         self.segments = _as_segments(segments)
         self.TE = float(sum(h for h, _ in self.segments))
@@ -612,11 +623,11 @@ class SequencePropagator:
         F *= plan.eta[:, None, :]
         return F, used
 
-    def _forward_batch(self, bi: int):
+    def _forward_batch(self, bi: int, start: np.ndarray):
         b, plans = self.batches[bi], self._plans[bi]
         nb, n_g = b.cols.shape
         X = np.empty((nb, self.K, n_g), dtype=np.complex128)
-        X[...] = self.nu0[None, :, None]
+        X[...] = start[None, :, None]
         cks = []  # (kind, plan index, input block, terms used)
         b.begin()
         for pi, (kind, plan) in enumerate(plans):
@@ -636,18 +647,26 @@ class SequencePropagator:
         if self._S is not None:
             return self._S.copy()
         S = np.empty(self.n, dtype=np.complex128)
+        read = self.nu0 if self.readout is None else self.readout
         if self._zero_cols.size:
-            S[self._zero_cols] = np.sum(self.nu0**2 * np.exp(-self.TE * self.lam))
-        self._checkpoints, self._finals = [], []
+            S[self._zero_cols] = np.sum(read * self.nu0 * np.exp(-self.TE * self.lam))
+        # the read-out columns, propagated too when they differ from nu0 (time reversal)
+        pair = self.time_reversal and self.readout is not None
+        self._checkpoints, self._finals, self._read = [], [], []
         for bi, b in enumerate(self.batches):
-            X, cks = self._forward_batch(bi)
+            X, cks = self._forward_batch(bi, self.nu0)
             self._checkpoints.append(cks)
             self._finals.append(X)
-            if self.time_reversal:
+            if pair:
+                self._read.append(self._forward_batch(bi, self.readout))
+            if pair:
+                w = np.exp(-self._mid * self.lam)
+                S[b.cols] = np.einsum("k,bkc->bc", w, np.conj(self._read[bi][0]) * X)
+            elif self.time_reversal:
                 w = np.exp(-self._mid * self.lam)
                 S[b.cols] = np.einsum("k,bkc->bc", w, X.real**2 + X.imag**2)
             else:
-                S[b.cols] = np.einsum("k,bkc->bc", self.nu0, X)
+                S[b.cols] = np.einsum("k,bkc->bc", read, X)
         self._S = S
         return S.copy()
 
@@ -724,22 +743,46 @@ class SequencePropagator:
         if self._checkpoints is None:
             self.signals()
         K, lam, nu0 = self.K, self.lam, self.nu0
+        separate = self.readout is not None
+        read = self.readout if separate else nu0
         acc = {"lam": np.zeros(K), "lbar": 0.0, "W": np.zeros((3, K, K)), "trW": np.zeros(3)}
         if full_lam:
             acc["L"] = np.zeros((K, K))
         nu0_bar = np.zeros(K)
+        read_bar = np.zeros(K)   # with a separate read-out; else it is part of nu0_bar
         if self._zero_cols.size:
             e = np.exp(-self.TE * lam)
             sr = np.sum(S_bar[self._zero_cols].real)
             if full_lam:
-                acc["L"] += sr * exp_divided_differences(lam, self.TE) * np.outer(nu0, nu0)
+                acc["L"] += sr * exp_divided_differences(lam, self.TE) * np.outer(read, nu0)
             else:
-                acc["lam"] += -self.TE * sr * nu0**2 * e
-            nu0_bar += 2.0 * sr * nu0 * e
+                acc["lam"] += -self.TE * sr * read * nu0 * e
+            nu0_bar += sr * read * e
+            if separate:
+                read_bar += sr * nu0 * e
+            else:
+                nu0_bar += sr * nu0 * e
         for bi, b in enumerate(self.batches):
             X = self._finals[bi]
             Sb = S_bar[b.cols]  # (nb, n_g)
-            if self.time_reversal:
+            if self.time_reversal and separate:
+                # S = conj(Xa)^T exp(-mid L) X: Xbar = w Xa S_bar, Xa_bar = w X conj(S_bar)
+                Xa, cka = self._read[bi]
+                w = np.exp(-self._mid * lam)
+                if full_lam:
+                    M = _re_outer(Xa, X * np.conj(Sb)[:, None, :])
+                    acc["L"] += exp_divided_differences(lam, self._mid) * M
+                else:
+                    P = np.conj(Xa) * X
+                    Q = (np.einsum("bjc,bc->j", P.real, Sb.real)
+                         + np.einsum("bjc,bc->j", P.imag, Sb.imag))
+                    acc["lam"] += -self._mid * w * Q
+                Xbar = w[None, :, None] * Xa * Sb[:, None, :]
+                Xa_bar = w[None, :, None] * X * np.conj(Sb)[:, None, :]
+                b.begin()
+                read_bar += self._pull_back(bi, cka, Xa_bar, acc, full_lam).real.sum(axis=(0, 2))
+                b.end()
+            elif self.time_reversal:
                 # S = conj(X)^T exp(-mid L) X is real: only Re(S_bar) matters
                 w = np.exp(-self._mid * lam)
                 if full_lam:
@@ -750,24 +793,16 @@ class SequencePropagator:
                     acc["lam"] += -self._mid * w * np.einsum("bjc,bc->j", X2, Sb.real)
                 Xbar = (2.0 * w)[None, :, None] * X * Sb.real[:, None, :]
             else:
-                nu0_bar += np.einsum("bjc,bc->j", X, np.conj(Sb)).real
-                Xbar = nu0[None, :, None] * Sb[:, None, :]
-            plans = self._plans[bi]
-            b.begin()
-            for kind, pi, Xin, used in reversed(self._checkpoints[bi]):
-                plan = plans[pi][1]
-                if kind == "diag":
-                    e = np.exp(-plan * lam)
-                    if full_lam:
-                        acc["L"] += exp_divided_differences(lam, plan) * _re_outer(Xbar, Xin)
-                    else:
-                        M = np.einsum("bjc,bjc->j", np.conj(Xbar), Xin).real
-                        acc["lam"] += -plan * e * M
-                    Xbar = Xbar * e[None, :, None]
+                rb = np.einsum("bjc,bc->j", X, np.conj(Sb)).real
+                if separate:
+                    read_bar += rb
                 else:
-                    Xbar = self._substep_vjp(b, plan, Xin, Xbar, used, acc)
+                    nu0_bar += rb
+                Xbar = read[None, :, None] * Sb[:, None, :]
+            b.begin()
+            nu0_bar += self._pull_back(bi, self._checkpoints[bi], Xbar, acc,
+                                       full_lam).real.sum(axis=(0, 2))
             b.end()
-            nu0_bar += Xbar.real.sum(axis=(0, 2))
             b.finish_w(acc)
         idx = np.arange(K)
         if full_lam:
@@ -780,7 +815,27 @@ class SequencePropagator:
         # t = tr(W_i)/K enters eta and the shifted matrices W~_i / G~
         W_bar[:, idx, idx] += (acc["trW"] / K)[:, None]
         W_bar = 0.5 * (W_bar + W_bar.transpose(0, 2, 1))
+        if separate:
+            return lam_bar, W_bar, nu0_bar, read_bar
         return lam_bar, W_bar, nu0_bar
+
+    def _pull_back(self, bi: int, checkpoints, Xbar, acc, full_lam: bool) -> np.ndarray:
+        """Xbar at the final state of batch bi's propagation -> its cotangent at the start
+        (the parameter cotangents accumulate in acc); between b.begin() and b.end()."""
+        b, plans, lam = self.batches[bi], self._plans[bi], self.lam
+        for kind, pi, Xin, used in reversed(checkpoints):
+            plan = plans[pi][1]
+            if kind == "diag":
+                e = np.exp(-plan * lam)
+                if full_lam:
+                    acc["L"] += exp_divided_differences(lam, plan) * _re_outer(Xbar, Xin)
+                else:
+                    M = np.einsum("bjc,bjc->j", np.conj(Xbar), Xin).real
+                    acc["lam"] += -plan * e * M
+                Xbar = Xbar * e[None, :, None]
+            else:
+                Xbar = self._substep_vjp(b, plan, Xin, Xbar, used, acc)
+        return Xbar
 
 
 def propagate(lam, W, nu0, segments, q, directions, **kwargs) -> np.ndarray:

@@ -3,9 +3,10 @@ r"""The matrix-formalism (reduced) model: project the sparse system on the Lapla
 With m = Phi nu and Phi^T M Phi = I the semi-discrete system becomes
 
     d nu/dt = -(Lambda + i q f(t) sum_i g_i W_i) nu,   nu(0) = nu0,
-    W_i = Phi^T J_i Phi (um),   nu0 = Phi^T M 1 (um^{3/2}),   S = nu0^T nu(TE) (um^3),
+    W_i = Phi^T J_i Phi (um),   nu0 = Phi^T M rho (um^{3/2}),   S = a^T nu(TE) (um^3),
+    a = Phi^T M 1 (the read-out; a = nu0 when the spin density rho is uniform, 1),
 
-a small dense K x K problem solved by `forward.propagator`. S0 (b = 0) is nu0^T e^{-TE Lambda} nu0
+a small dense K x K problem solved by `forward.propagator`. S0 (b = 0) is a^T e^{-TE Lambda} nu0
 (`b0_signal`). `simulate` and the misfits both go through
 `project_with_products` and `propagator`: there is one forward path.
 """
@@ -24,12 +25,15 @@ from spinverse_fem.forward.propagator import UNIT_ROUNDOFF, SequencePropagator
 
 @dataclass(frozen=True)
 class ReducedSystem:
-    """lam (K,) 1/ms; W (3, K, K) um; nu0 (K,) um^{3/2}; volume um^3 (replicated on all ranks)."""
+    """lam (K,) 1/ms; W (3, K, K) um; nu0 (K,) um^{3/2} the initial state; volume um^3;
+    readout (K,) um^{3/2} the read-out vector a, or None when it is nu0 (uniform spin
+    density). Replicated on all ranks."""
 
     lam: np.ndarray
     W: np.ndarray
     nu0: np.ndarray
     volume: float
+    readout: np.ndarray | None = None
 
     @property
     def num_modes(self) -> int:
@@ -39,10 +43,12 @@ class ReducedSystem:
 @dataclass(frozen=True)
 class Products:
     """Distributed products of a projection that the adjoint reuses (local owned rows):
-    JPhi: the three J_i Phi (n_owned, K) in um; m1: M 1 (n_owned,) in um^3."""
+    JPhi: the three J_i Phi (n_owned, K) in um; m1: M 1 (n_owned,) in um^3; m_init: M rho
+    (n_owned,) in um^3, or None when the spin density is uniform (it is m1)."""
 
     JPhi: list
     m1: np.ndarray
+    m_init: np.ndarray | None = None
 
 
 def project_with_products(ops: BlochTorreyOperators, basis: Eigenbasis
@@ -55,9 +61,14 @@ def project_with_products(ops: BlochTorreyOperators, basis: Eigenbasis
     W = np.stack([comm.allreduce(phi.T @ jp, op=MPI.SUM) for jp in JPhi])
     W = 0.5 * (W + W.transpose(0, 2, 1))
     m1 = ops.mass_ones.getArray()
-    nu0 = comm.allreduce(phi.T @ m1, op=MPI.SUM)
-    system = ReducedSystem(lam=basis.lam.copy(), W=W, nu0=nu0, volume=ops.volume())
-    return system, Products(JPhi=JPhi, m1=m1)
+    a = comm.allreduce(phi.T @ m1, op=MPI.SUM)
+    if ops.mass_initial is None:
+        return (ReducedSystem(lam=basis.lam.copy(), W=W, nu0=a, volume=ops.volume()),
+                Products(JPhi=JPhi, m1=m1))
+    m_init = ops.mass_initial.getArray()
+    nu0 = comm.allreduce(phi.T @ m_init, op=MPI.SUM)
+    return (ReducedSystem(lam=basis.lam.copy(), W=W, nu0=nu0, volume=ops.volume(), readout=a),
+            Products(JPhi=JPhi, m1=m1, m_init=m_init))
 
 
 def project(ops: BlochTorreyOperators, basis: Eigenbasis) -> ReducedSystem:
@@ -69,7 +80,8 @@ def propagator(system: ReducedSystem, sequence, tol: float = UNIT_ROUNDOFF
                ) -> SequencePropagator:
     """The dense propagator of one sequence on the reduced system (signals and their VJP)."""
     return SequencePropagator(system.lam, system.W, system.nu0, sequence.segments,
-                              sequence.q_per_um_ms(), sequence.directions, tol=tol)
+                              sequence.q_per_um_ms(), sequence.directions,
+                              readout=system.readout, tol=tol)
 
 
 def split_measurements(sequence, parts: int) -> list[np.ndarray]:
@@ -106,8 +118,10 @@ class DistributedPropagator:
         dirs = np.asarray(sequence.directions, dtype=float)[self.index]
         self._parts = parts
         self._prop = (SequencePropagator(system.lam, system.W, system.nu0, sequence.segments,
-                                         q, dirs, tol=tol) if self.index.size else None)
+                                         q, dirs, readout=system.readout, tol=tol)
+                      if self.index.size else None)
         self._K = system.num_modes
+        self._separate = system.readout is not None
 
     def signals(self) -> np.ndarray:
         """S (n,) complex in um^3, replicated on every rank."""
@@ -122,21 +136,18 @@ class DistributedPropagator:
 
     def vjp(self, S_bar, full_lam: bool = False):
         """`SequencePropagator.vjp` of the whole sequence: S_bar (n,) replicated; returns the
-        summed (lam_bar, W_bar, nu0_bar), replicated."""
+        summed (lam_bar, W_bar, nu0_bar[, readout_bar]), replicated."""
         K = self._K
         if self._prop is not None:
-            lb, wb, nb = self._prop.vjp(np.asarray(S_bar)[self.index], full_lam=full_lam)
+            out = self._prop.vjp(np.asarray(S_bar)[self.index], full_lam=full_lam)
         else:
-            lb = np.zeros((K, K) if full_lam else K)
-            wb, nb = np.zeros((3, K, K)), np.zeros(K)
+            out = (np.zeros((K, K) if full_lam else K), np.zeros((3, K, K)), np.zeros(K))
+            out += (np.zeros(K),) if self._separate else ()
         if self.comm.size == 1:
-            return lb, wb, nb
-        from mpi4py import MPI
-
-        packed = self.comm.allreduce(np.concatenate([lb.ravel(), wb.ravel(), nb]), op=MPI.SUM)
-        n_l = lb.size
-        return (packed[:n_l].reshape(lb.shape), packed[n_l:n_l + wb.size].reshape(wb.shape),
-                packed[n_l + wb.size:])
+            return out
+        packed = self.comm.allreduce(np.concatenate([x.ravel() for x in out]), op=MPI.SUM)
+        ends = np.cumsum([x.size for x in out])[:-1]
+        return tuple(p.reshape(x.shape) for p, x in zip(np.split(packed, ends), out))
 
 
 def reduced_signals(system: ReducedSystem, sequence) -> np.ndarray:
@@ -149,9 +160,10 @@ def shifted(system: ReducedSystem) -> ReducedSystem:
     exp(TE lambda_1), so S/S0 is unchanged while neither underflows (a short T2 or a long echo
     time with a sink at the outer faces makes exp(-TE lambda_1) underflow)."""
     return ReducedSystem(lam=system.lam - system.lam[0], W=system.W, nu0=system.nu0,
-                         volume=system.volume)
+                         volume=system.volume, readout=system.readout)
 
 
 def b0_signal(system: ReducedSystem, echo_time_ms: float) -> float:
-    """S0 = nu0^T exp(-TE Lambda) nu0 (um^3): the b = 0 signal at the echo time."""
-    return float(np.sum(system.nu0**2 * np.exp(-echo_time_ms * system.lam)))
+    """S0 = a^T exp(-TE Lambda) nu0 (um^3): the b = 0 signal at the echo time."""
+    a = system.nu0 if system.readout is None else system.readout
+    return float(np.sum(a * system.nu0 * np.exp(-echo_time_ms * system.lam)))

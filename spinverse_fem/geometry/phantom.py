@@ -25,7 +25,9 @@ class Phantom:
     tetrahedron, one value, or None (no relaxation); compartment: (T,) index into
     cfg.compartments, or None without [[compartment]] tables; diffusion_tensor: (T, 3, 3)
     um^2/ms when a compartment has a tensor (isotropic ones D I; diffusivity then holds the
-    mean diffusivities), else None."""
+    mean diffusivities), else None; spin_density: (T,) relative initial magnetisation per
+    tetrahedron when the compartments' spin densities differ, else None (uniform: normalised
+    signals do not depend on a common factor)."""
 
     grid: Grid
     faces: FaceTable
@@ -36,6 +38,7 @@ class Phantom:
     relaxation: float | np.ndarray | None = None
     compartment: np.ndarray | None = None
     diffusion_tensor: np.ndarray | None = None
+    spin_density: np.ndarray | None = None
 
     @property
     def max_diffusivity(self) -> float:
@@ -217,6 +220,9 @@ def build_phantom(cfg: Config, refinement: int = 1) -> Phantom:
                                 else c.diffusivity_um2_per_ms * np.eye(3)
                                 for c in cfg.compartments])
             fields["diffusion_tensor"] = tensors[index]
+        rho = np.array([c.spin_density for c in cfg.compartments])
+        if np.ptp(rho) > 0.0:
+            fields["spin_density"] = rho[index]
     return Phantom(grid=grid, faces=faces, membrane=membrane, kappa=kappa,
                    outer=cfg.permeability.outer, **fields)
 
@@ -230,12 +236,13 @@ def tissue_summary(cfg: Config, phantom: Phantom) -> list[str]:
         for i, c in enumerate(cfg.compartments):
             sel = phantom.compartment == i
             t2 = "no relaxation" if c.t2_ms is None else f"T2 {c.t2_ms:g} ms"
+            rho = f", spin density {c.spin_density:g}" if phantom.spin_density is not None else ""
             d = (f"D {c.diffusivity_um2_per_ms:g} um^2/ms" if c.diffusion_tensor_um2_per_ms
                  is None else "D tensor, eigenvalues " + " ".join(
                      f"{v:.4g}" for v in np.linalg.eigvalsh(c.diffusion_tensor_um2_per_ms))
                  + " um^2/ms")
             lines.append(f"compartment {c.name!r}: {int(sel.sum())} tetrahedra, "
-                         f"{vol[sel].sum():.4g} um^3, {d}, {t2}")
+                         f"{vol[sel].sum():.4g} um^3, {d}, {t2}{rho}")
     for m in cfg.membranes:
         n = int(np.sum(phantom.grid.membrane_tags == m.tag))
         lines.append(f"membrane {m.name!r} (tag {m.tag}): {n} faces, kappa "

@@ -73,6 +73,7 @@ class FrozenBasisMisfit(ReducedMisfit):
         with self.counters.timed("projection"):
             system, products = project_with_products(self.model.ops, basis)
         self._frozen = dict(phi=basis.phi, W=system.W, nu0=system.nu0, volume=system.volume,
+                            readout=system.readout,
                             kappa=kappa, products=products,
                             cut=ModeCut(basis.num_modes, float(basis.lam[-1]), basis.next_lam,
                                         basis.rel_gap))
@@ -95,7 +96,9 @@ class FrozenBasisMisfit(ReducedMisfit):
             lam, U = np.linalg.eigh(0.5 * (Lr + Lr.T))
             W = np.einsum("ka,ikl,lb->iab", U, fr["W"], U, optimize=True)
             system = ReducedSystem(lam=lam, W=0.5 * (W + W.transpose(0, 2, 1)),
-                                   nu0=U.T @ fr["nu0"], volume=fr["volume"])
+                                   nu0=U.T @ fr["nu0"], volume=fr["volume"],
+                                   readout=(None if fr["readout"] is None
+                                            else U.T @ fr["readout"]))
         state = self._propagate(system)
         state.update(U=U, phi=phi)
         return state
@@ -104,7 +107,7 @@ class FrozenBasisMisfit(ReducedMisfit):
         """(Phi0 Lbar, Phi0): the Galerkin model's L_r = Phi0^T L Phi0 is linear in L, so
         dJ = sum_k (Phi0 Lbar)_k^T dL phi0_k with no complement solve."""
         if "adjoint_x" not in st:
-            Lbar_rot, _, _ = self.reduced_cotangents(st["kappa"])
+            Lbar_rot = self.reduced_cotangents(st["kappa"])[0]
             U, phi = st["U"], st["phi"]
             st["adjoint_x"] = phi @ (U @ Lbar_rot @ U.T)
         return st["adjoint_x"], st["phi"]

@@ -247,25 +247,37 @@ class ReducedMisfit(SignalMisfit):
                           else self.s0_reference[k])
         return dict(system=system, prop_system=prop_system, props=props, S=S, s0=s0)
 
-    def reduced_cotangents(self, kappa) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(Lbar (K,K), Wbar (3,K,K), nu0bar (K,)): dJ with respect to the reduced quantities."""
+    def reduced_cotangents(self, kappa) -> tuple[np.ndarray, ...]:
+        """(Lbar (K,K), Wbar (3,K,K), nu0bar (K,), abar (K,) or None): dJ with respect to the
+        reduced quantities; abar, the read-out's, only with a non-uniform spin density (else
+        it is part of nu0bar)."""
         st = self._evaluate(kappa)
-        lam, nu0 = st["prop_system"].lam, st["prop_system"].nu0
+        system = st["prop_system"]
+        lam, nu0 = system.lam, system.nu0
+        separate = system.readout is not None
+        a = system.readout if separate else nu0
         K = lam.size
-        Lbar, Wbar, nbar = np.zeros((K, K)), np.zeros((3, K, K)), np.zeros(K)
+        Lbar, Wbar, nbar, abar = np.zeros((K, K)), np.zeros((3, K, K)), np.zeros(K), np.zeros(K)
         with self.counters.timed("propagation_vjp"):
             for k, (seq, prop) in enumerate(zip(self.sequences, st["props"])):
                 sbar, s0_bar = self.output_cotangents(st, k)
-                lb, wb, nb = prop.vjp(sbar, full_lam=True)
+                lb, wb, nb, *ab = prop.vjp(sbar, full_lam=True)
                 Lbar += lb
                 Wbar += wb
                 nbar += nb
+                if separate:
+                    abar += ab[0]
                 if s0_bar is not None:
-                    # S0 = nu0^T exp(-TE Lambda) nu0 also depends on kappa
+                    # S0 = a^T exp(-TE Lambda) nu0 also depends on kappa
                     te = seq.echo_time_ms
-                    Lbar += s0_bar * np.outer(nu0, nu0) * exp_divided_differences(lam, te)
-                    nbar += s0_bar * 2.0 * nu0 * np.exp(-te * lam)
-        return 0.5 * (Lbar + Lbar.T), Wbar, nbar
+                    e = np.exp(-te * lam)
+                    Lbar += s0_bar * np.outer(a, nu0) * exp_divided_differences(lam, te)
+                    nbar += s0_bar * a * e
+                    if separate:
+                        abar += s0_bar * nu0 * e
+                    else:
+                        nbar += s0_bar * nu0 * e
+        return 0.5 * (Lbar + Lbar.T), Wbar, nbar, (abar if separate else None)
 
     def _adjoint_pair(self, st: dict) -> tuple[np.ndarray, np.ndarray]:
         """(X, Phi), X = Phi Lbar - A (n_owned, K): dJ = sum_k x_k^T dL phi_k for any change dL
@@ -274,9 +286,13 @@ class ReducedMisfit(SignalMisfit):
             return st["adjoint_x"], st["basis"].phi
         basis, products = st["basis"], st["products"]
         phi = basis.phi
-        Lbar, Wbar, nbar = self.reduced_cotangents(st["kappa"])
-        G = (2.0 * sum(products.JPhi[i] @ Wbar[i] for i in range(3))
-             + np.outer(products.m1, nbar))
+        Lbar, Wbar, nbar, abar = self.reduced_cotangents(st["kappa"])
+        # nu0 = Phi^T M rho and a = Phi^T M 1 (one vector when rho is uniform)
+        G = 2.0 * sum(products.JPhi[i] @ Wbar[i] for i in range(3))
+        if abar is None:
+            G += np.outer(products.m1, nbar)
+        else:
+            G += np.outer(products.m_init, nbar) + np.outer(products.m1, abar)
         ops = self.model.ops
         with self.counters.timed("adjoint_solve"):
             solver = ComplementSolver(ops.L, ops.M, basis.lam, phi, basis.extra_lam,
