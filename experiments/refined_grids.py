@@ -58,15 +58,17 @@ SHAPES = {
 
 
 def config_text(shape: str, n: int, settings: Settings, refine: int,
-                basis: str = "eigen", refresh_every: int = 10) -> str:
-    """examples/paper_torus.toml with the grid, the geometry, the mode cap, the targets and
-    (basis "frozen") the reduced model's basis replaced (TOML text)."""
+                basis: str = "eigen", refresh_every: int = 10,
+                curriculum: str = "long_to_short") -> str:
+    """examples/paper_torus.toml with the grid, the geometry, the mode cap, the targets,
+    the curriculum and (basis "frozen") the reduced model's basis replaced (TOML text)."""
     text = (ROOT / "examples" / "paper_torus.toml").read_text()
     text = re.sub(r"(?m)^cubes = .*$", f"cubes = {n}", text, count=1)
     text = re.sub(r"(?m)^cube_um = .*$", f"cube_um = {BOX_UM / n!r}", text, count=1)
     text = re.sub(r"(?ms)^\[geometry\]\n.*?(?=^\[)", SHAPES[shape] + "\n", text, count=1)
     text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.max_modes}", text, count=1)
     text = re.sub(r"(?m)^fibonacci = .*$", f"fibonacci = {settings.directions}", text)
+    text = re.sub(r'(?m)^curriculum = .*$', f'curriculum = "{curriculum}"', text, count=1)
     frozen = (f'basis = "frozen"\nbasis_refresh_every = {refresh_every}\n'
               if basis == "frozen" else "")
     text = text.replace("[inversion]\n", f"[inversion]\niterations_per_stage = "
@@ -237,6 +239,10 @@ def main(argv=None) -> int:
                    help="basis frozen: iterations between refreshes")
     p.add_argument("--floor", action="store_true",
                    help="also the misfit at the ground truth with same-grid and refined targets")
+    p.add_argument("--curriculum", default="long_to_short",
+                   choices=["long_to_short", "cumulative"],
+                   help="the default example's long_to_short, or cumulative (stage k fits the k "
+                        "longest sequences jointly)")
     p.add_argument("--analytic-spacing", type=float, default=0.5,
                    help="um: marching cubes of the analytic surface that runs are scored on")
     a = p.parse_args(argv)
@@ -248,11 +254,12 @@ def main(argv=None) -> int:
         for n in a.sizes:
             label = (f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
                                         else "")
-                     + (f"_K{a.max_modes}" if a.max_modes != 120 else ""))
+                     + (f"_K{a.max_modes}" if a.max_modes != 120 else "")
+                     + ("_cumulative" if a.curriculum == "cumulative" else ""))
             say(comm, f"== {label}")
             res = cached_run(comm, folder / f"{label}.json",
                              config_text(shape, n, settings, a.refine, a.basis,
-                                         a.refresh_every),
+                                         a.refresh_every, a.curriculum),
                              settings, label, log=iteration_logger(comm, a.log_every))
             floor_path = folder / f"{shape}_n{n}.floor.json"
             if a.floor and not floor_path.exists():

@@ -550,6 +550,15 @@ def test_long_to_short_runs_every_sequence_by_diffusion_time():
     assert [s.sequences for s in stages(c)] == [(1,), (0,)]
 
 
+def test_cumulative_adds_one_sequence_per_stage_by_diffusion_time():
+    """cumulative: the long_to_short order, stage k fitting the first k jointly: {10/60},
+    {10/60, 10/20}, all three (indices ascending within a stage)."""
+    c = parse_config(HEAD + PAPER_SEQS
+                     + "\n[inversion]\ncurriculum = 'cumulative'\niterations_per_stage = 9\n")
+    assert [s.sequences for s in stages(c)] == [(1,), (1, 2), (0, 1, 2)]
+    assert all(s.iterations == 9 for s in stages(c))
+
+
 def test_staged_fallback_longest_delta_first():
     """Without 10/60 and 10/20: the two sequences with the longest Delta, longest first
     (BASE's 'long' is 10/60 by timing, so it is found; here timings differ)."""

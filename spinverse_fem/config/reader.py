@@ -590,7 +590,7 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
     start = t.number("start_um_per_ms", d.start_um_per_ms, ge=kmin, le=kmax)
     threshold = t.number("threshold_um_per_ms", d.threshold_um_per_ms, ge=kmin, le=kmax)
     curriculum = t.string("curriculum", d.curriculum,
-                          choices=["staged", "split", "long_to_short", "custom"])
+                          choices=["staged", "split", "long_to_short", "cumulative", "custom"])
     iterations = t.integer("iterations_per_stage", d.iterations_per_stage, ge=1)
     cw = t.number("continuity_weight", d.continuity_weight, ge=0)
     mw = t.number("manifold_weight", d.manifold_weight, ge=0)

@@ -206,7 +206,8 @@ class InversionConfig:
 
     curriculum: "staged" (long-Delta sequence, then the shorter one), "split" (both jointly,
     same number of stages), "long_to_short" (every sequence, one stage each, longest diffusion
-    time first), "custom" (stages from [[inversion.stage]], kept in `custom_stages`).
+    time first), "cumulative" (the same order, stage k fitting the k longest jointly),
+    "custom" (stages from [[inversion.stage]], kept in `custom_stages`).
     normalisation: "reference" (divide predictions by the reference b = 0 signal) or "own".
     checkpoint_every: iterations between checkpoints (0 = none).
     adam_restart_per_stage: Adam starts every stage with fresh moment estimates (and its
