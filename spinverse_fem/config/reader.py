@@ -630,6 +630,7 @@ def _inversion(t: _Table, sequences: list[Sequence]) -> InversionConfig:
         basis_refresh_every=t.integer("basis_refresh_every", d.basis_refresh_every, ge=1),
         basis_refresh_step=t.number("basis_refresh_step", d.basis_refresh_step, ge=0),
         fit_compartments=_fit_compartments(t),
+        noise_snr=t.number("noise_snr", None, gt=0),
         custom_stages=stages,
     )
 

@@ -221,6 +221,8 @@ class InversionConfig:
     `basis_refresh_every` iterations: a Galerkin model with an exact, solve-free gradient;
     `inverse.frozen_basis`, docs/frozen_basis.md); with Adam also as soon as some face's
     log10 kappa has moved more than `basis_refresh_step` since the refresh (0 = never).
+    noise_snr: None (least squares on S/S0) or the data's SNR (relative to S0 = 1): the misfit
+    then compares sqrt(|S/S0|^2 + 2/SNR^2), the Rician-biased magnitude, with |data|.
     """
 
     kappa_min_um_per_ms: float = 0.01
@@ -245,6 +247,7 @@ class InversionConfig:
     basis_refresh_every: int = 10
     basis_refresh_step: float = 0.1
     fit_compartments: tuple[str, ...] = ()
+    noise_snr: float | None = None
     custom_stages: tuple[Stage, ...] = ()
 
 

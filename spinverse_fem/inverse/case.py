@@ -150,7 +150,8 @@ class Case:
         inv = self.cfg.inversion
         tg = self.targets
         common = dict(weight=inv.misfit_weight, normalisation=inv.normalisation,
-                      s0_reference=None if tg.s0 is None else [tg.s0[i] for i in idx])
+                      s0_reference=None if tg.s0 is None else [tg.s0[i] for i in idx],
+                      noise_sigma=None if inv.noise_snr is None else 1.0 / inv.noise_snr)
         seqs = [self.cfg.sequences[i] for i in idx]
         signals = [tg.signals[i] for i in idx]
         if model == "full":

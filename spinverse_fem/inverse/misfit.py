@@ -3,6 +3,11 @@ r"""Signal misfits and their exact gradients with respect to every kappa_f.
     J(kappa) = w / N  sum_c | S_c(kappa) / S0_k - T_c |^2      (c over the active measurements,
                                                                 k the sequence of c)
 
+With `noise_sigma` (sigma = 1/SNR per real and imaginary component of the noise, relative to
+S0 = 1) the model is compared as a Rician magnitude: the residual is
+p_c - |T_c| with p_c = sqrt(|S_c / S0_k|^2 + 2 sigma^2), the root of E|S + n|^2 (magnitude
+data carry that bias: fitting |S| to them reads a noise floor as slow diffusion).
+
 S0_k: the reference's b = 0 signal of sequence k (normalisation "reference", as in the paper: a
 constant in um^3) or the model's own b = 0 signal at the same echo time ("own": depends on
 kappa). Two forward models give S_c: the reduced (eigenbasis) model, `ReducedMisfit`, and the
@@ -91,7 +96,9 @@ class SignalMisfit:
     """What every signal misfit shares: targets, weight, normalisation, residuals, cotangents.
 
     sequences: the active sequences; targets: list of (n_k,) complex S/S0; weight: w (paper:
-    100); normalisation: "reference" (needs s0_reference, um^3 per sequence) or "own".
+    100); normalisation: "reference" (needs s0_reference, um^3 per sequence) or "own";
+    noise_sigma: None (least squares on S/S0) or sigma = 1/SNR > 0 (the Rician magnitude
+    model of the module docstring).
     Subclasses implement `_signals(kappa) -> (S per sequence (n_k,) um^3, S0 per sequence)` and
     `_gradient(kappa, state) -> dJ/dkappa`.
     """
@@ -100,7 +107,7 @@ class SignalMisfit:
     last_cut: ModeCut | None = None   # reduced models: the spectrum cut of the last evaluation
 
     def __init__(self, sequences, targets, *, weight: float, normalisation: str,
-                 s0_reference):
+                 s0_reference, noise_sigma: float | None = None):
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}")
         if normalisation == "reference" and s0_reference is None:
@@ -117,6 +124,9 @@ class SignalMisfit:
         self.normalisation = normalisation
         self.s0_reference = None if s0_reference is None else [float(s) for s in s0_reference]
         self.num_measurements = sum(s.num_measurements for s in self.sequences)
+        if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma > 0):
+            raise ValueError(f"noise_sigma must be a positive number, got {noise_sigma!r}")
+        self.noise_sigma = None if noise_sigma is None else float(noise_sigma)
         self.counters = Counters()
         self._cache_key = None
         self._state = None
@@ -133,16 +143,24 @@ class SignalMisfit:
         if self._cache_key == key:
             return self._state
         state = self._signals(kappa)
-        value, residuals, signals = 0.0, [], []
+        value, residuals, signals, directions = 0.0, [], [], []
         for S, s0, target in zip(state["S"], state["s0"], self.targets):
-            r = S / s0 - target
+            shat = S / s0
+            if self.noise_sigma is None:
+                r = shat - target
+                directions.append(None)
+            else:
+                p = np.sqrt(np.abs(shat) ** 2 + 2.0 * self.noise_sigma**2)
+                r = p - np.abs(target)
+                directions.append(shat / p)        # d p = Re(conj(shat / p) d shat)
             value += self.scale * float(np.sum(np.abs(r) ** 2))
             residuals.append(r)
-            signals.append(S / s0)
+            signals.append(shat)
         if not np.isfinite(value):
             raise SolverError("the misfit is not finite: the model's signals or S0 under- or "
                               "overflowed (check T2, the echo times and the permeabilities)")
-        state.update(value=value, residuals=residuals, signals=signals, kappa=kappa)
+        state.update(value=value, residuals=residuals, signals=signals, kappa=kappa,
+                     directions=directions)
         self.counters.forward += 1
         self._state, self._cache_key = state, key
         return state
@@ -150,6 +168,8 @@ class SignalMisfit:
     def output_cotangents(self, state: dict, k: int) -> tuple[np.ndarray, float | None]:
         """(Sbar (n_k,) = dJ/dRe S + i dJ/dIm S in 1/um^3, dJ/dS0_k or None for "reference")."""
         shat_bar = 2.0 * self.scale * state["residuals"][k]      # cotangent of S / S0
+        if state["directions"][k] is not None:                     # Rician magnitude model
+            shat_bar = shat_bar * state["directions"][k]
         s0 = state["s0"][k]
         if self.normalisation != "own":
             return shat_bar / s0, None
@@ -191,9 +211,10 @@ class ReducedMisfit(SignalMisfit):
 
     def __init__(self, model: ForwardModel, sequences, targets, *, weight: float = 1.0,
                  normalisation: str = "own", s0_reference=None, num_modes: int | None = None,
-                 adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53):
+                 adjoint_rtol: float = 1e-8, taylor_tol: float = 2.0**-53,
+                 noise_sigma: float | None = None):
         super().__init__(sequences, targets, weight=weight, normalisation=normalisation,
-                         s0_reference=s0_reference)
+                         s0_reference=s0_reference, noise_sigma=noise_sigma)
         self.model = model
         self.num_modes = num_modes
         # 1e-8: the gradient changes by ~1e-11 relative against 1e-11 (measured), far below the
@@ -344,9 +365,10 @@ class FullOrderMisfit(SignalMisfit):
     """
 
     def __init__(self, model: FullOrderModel, sequences, targets, *, weight: float = 1.0,
-                 normalisation: str = "own", s0_reference=None):
+                 normalisation: str = "own", s0_reference=None,
+                 noise_sigma: float | None = None):
         super().__init__(sequences, targets, weight=weight, normalisation=normalisation,
-                         s0_reference=s0_reference)
+                         s0_reference=s0_reference, noise_sigma=noise_sigma)
         self.model = model
         # the sequences actually simulated (with the b = 0 row for "own")
         self._sim = [with_b0_row(s) if normalisation == "own" else s for s in self.sequences]
