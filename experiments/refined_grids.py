@@ -144,7 +144,8 @@ def table(runs: list[dict]) -> str:
     for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
         m = r["metrics"]
         its = r["iterations"]
-        rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["settings"]["max_modes"],
+        rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["curriculum"],
+                     r["settings"]["max_modes"],
                      r["ranks"], fmt(m.get("cd_l2")),
                      fmt(r["scores"].get("cd_l2_target_grid")),
                      fmt(r["scores"].get("cd_l2_analytic")),
@@ -154,7 +155,8 @@ def table(runs: list[dict]) -> str:
                      " ".join(str(k) for k in r["modes"]),
                      " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
                                 if not k.startswith("refine1/")) or "-"])
-    return markdown_table(["shape", "n", "tets", "basis", "mode cap", "ranks", "CD-L2 (um^2)",
+    return markdown_table(["shape", "n", "tets", "basis", "curriculum", "mode cap", "ranks",
+                           "CD-L2 (um^2)",
                            "CD-L2 to the target grid's truth", "CD-L2 to the analytic surface",
                            "(the grid's truth to the analytic surface)", "BadEdge %", "IoU",
                            "iterations", "wall", "s / iteration", "modes per stage",
@@ -167,14 +169,16 @@ def _saved(path: Path, spacing_um: float) -> dict:
     from spinverse_fem.config.schema import estimated_tetrahedra
 
     r = json.loads(path.read_text())
-    shape, n, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?", path.stem).groups()
+    shape, n, _, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?(_cumulative)?",
+                                     path.stem).groups()
     cfg = parse_config(r["config"], source=path.name)
     basis = (f"frozen, refresh every {cfg.inversion.basis_refresh_every}"
              if cfg.inversion.basis == "frozen" else "eigen")
     floor = path.with_name(f"{shape}_n{n}.floor.json")
     extra = dict(floor=json.loads(floor.read_text())) if floor.exists() else {}
     return dict(r, shape=shape, n=int(n), tets=int(estimated_tetrahedra(cfg.grid)),
-                basis=basis, scores=rescore(path, spacing_um), **extra)
+                basis=basis, curriculum=cfg.inversion.curriculum,
+                scores=rescore(path, spacing_um), **extra)
 
 
 def report(out: Path, spacing_um: float = 0.5) -> None:
@@ -195,11 +199,12 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     def kind(r):
-        return r["shape"], r["basis"].split(",")[0], r["settings"]["max_modes"]
+        return r["shape"], r["basis"].split(",")[0], r["settings"]["max_modes"], r["curriculum"]
 
-    for shape, basis, cap in sorted({kind(r) for r in runs}):
-        rs = sorted((r for r in runs if kind(r) == (shape, basis, cap)), key=lambda r: r["n"])
-        shape = f"{shape} ({basis}, K <= {cap})"
+    for shape, basis, cap, cur in sorted({kind(r) for r in runs}):
+        rs = sorted((r for r in runs if kind(r) == (shape, basis, cap, cur)),
+                    key=lambda r: r["n"])
+        shape = f"{shape} ({basis}, K <= {cap}, {cur})"
         ns = [r["n"] for r in rs]
         axes[0].plot(ns, [r["metrics"]["cd_l2"] for r in rs], "o-", label=shape)
         scored = [r for r in rs if r["scores"].get("cd_l2_analytic") is not None]

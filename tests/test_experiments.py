@@ -127,11 +127,13 @@ def test_refined_grids_tiny(comm, out):
             "--shapes", "sphere", "--floor", "--analytic-spacing", "2.0", "--out", str(out)]
     assert refined_grids.main(args) == 0
     assert refined_grids.main(args) == 0
-    assert refined_grids.main([*args, "--basis", "frozen", "--refresh-every", "2"]) == 0
+    assert refined_grids.main([*args, "--basis", "frozen", "--refresh-every", "2",
+                               "--curriculum", "cumulative"]) == 0
     if comm.rank == 0:
         md = (out / "refined_grids.md").read_text()
-        assert f"| sphere | 4 | 576 | eigen | 80 | {comm.size} |" in md, md
-        assert f"| sphere | 4 | 576 | frozen, refresh every 2 | 80 | {comm.size} |" in md, md
+        assert f"| sphere | 4 | 576 | eigen | long_to_short | 80 | {comm.size} |" in md, md
+        assert (f"| sphere | 4 | 576 | frozen, refresh every 2 | cumulative | 80 | {comm.size} |"
+                in md), md
         # the scores against the target grid's truth and the analytic surface
         sc = json.loads((out / "refined_grids" / "sphere_n4_K80.scores.json").read_text())
         assert all(np.isfinite(v) and v >= 0 for v in sc.values()), sc
