@@ -189,6 +189,34 @@ def paper_config_text(geometry_toml: str, settings: Settings, *, curriculum: str
 
 # -- MPI, logging, files -------------------------------------------------------------------------
 
+#: The box of the paper's grid (um); the default example's bcc grid has 4 cubes per side.
+BOX_UM = 80.0 / 3.0
+
+
+def default_config_text(geometry_toml: str, settings: Settings, header: str, *,
+                        cubes: int | None = None, curriculum: str | None = None,
+                        inversion_lines: str = "", target_lines: str = "") -> str:
+    """The default method (examples/paper_torus.toml: three PGSE sequences, long_to_short,
+    Adam, manifold weight 4, the mode rule with its cap) for another ground truth, as TOML:
+    its [geometry] table replaced, the mode cap, directions and iterations from `settings`;
+    cubes: another bcc grid of the same box; curriculum: another preset; inversion_lines
+    (each ending in a newline) added to [inversion]; target_lines: the body of a [target]
+    table. header: the first (comment) line."""
+    text = (ROOT / "examples" / "paper_torus.toml").read_text()
+    if cubes is not None:
+        text = re.sub(r"(?m)^cubes = .*$", f"cubes = {cubes}", text, count=1)
+        text = re.sub(r"(?m)^cube_um = .*$", f"cube_um = {BOX_UM / cubes!r}", text, count=1)
+    text = re.sub(r"(?ms)^\[geometry\]\n.*?(?=^\[)", geometry_toml.rstrip("\n") + "\n\n", text,
+                  count=1)
+    text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.max_modes}", text, count=1)
+    text = re.sub(r"(?m)^fibonacci = .*$", f"fibonacci = {settings.directions}", text)
+    if curriculum is not None:
+        text = re.sub(r'(?m)^curriculum = .*$', f'curriculum = "{curriculum}"', text, count=1)
+    text = text.replace("[inversion]\n", f"[inversion]\niterations_per_stage = "
+                                         f"{settings.iterations}\n{inversion_lines}", 1)
+    return (f"# {header}\n" + text + (f"\n[target]\n{target_lines}" if target_lines else ""))
+
+
 def mpi_comm():
     import dolfinx_solver  # noqa: F401  (PETSc/dolfinx set-up before mpi4py use)
     from mpi4py import MPI
@@ -273,7 +301,8 @@ def _misfit_value(signals, targets, weight: float) -> float:
 
 def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> dict:
     """Simulate the targets of the configured ground truth (on the grid refined by [target]
-    grid_refinement when set) and invert them (all ranks).
+    grid_refinement when set, with [target] noise_snr Rician noise) and invert them (all
+    ranks).
 
     Returns (identical on every rank) a JSON-able dict: label, settings, config, final metrics
     of the interface at the final kappa (cd_l2, bad_edge_pct, open_pct, branch_pct, iou,
@@ -301,7 +330,10 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     refine = cfg.target.grid_refinement if cfg.target and cfg.target.grid_refinement else 1
     log(f"  simulating the targets on the grid refined {refine}x (up to "
         f"{settings.reference_max_modes} modes) ...")
-    targets, s0, ref_phantom = simulate_targets(comm, ref_cfg, refine)
+    # and a [target] noise_snr adds Rician noise (seeded) to them
+    snr = cfg.target.noise_snr if cfg.target else None
+    targets, s0, ref_phantom = simulate_targets(comm, ref_cfg, refine, snr,
+                                                cfg.target.seed if cfg.target else 0)
     log(f"  targets done ({ref_phantom.grid.num_tets} tets) after "
         f"{time.perf_counter() - t0:.0f} s; inverting")
     case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))

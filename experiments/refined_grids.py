@@ -33,10 +33,10 @@ if not __package__:  # run as a file: experiments.* is importable only when run 
 
 from experiments.common import (  # noqa: E402
     RESULTS,
-    ROOT,
     Settings,
     atomic_write_text,
     cached_run,
+    default_config_text,
     fmt,
     fmt_seconds,
     iteration_logger,
@@ -47,7 +47,6 @@ from experiments.common import (  # noqa: E402
     say,
 )
 
-BOX_UM = 80.0 / 3.0
 SHAPES = {
     "torus": ('[geometry]\nkind = "torus"\ncenter_um = [0.0, 0.0, 0.0]\naxis = [0.0, 0.0, 1.0]\n'
               "major_radius_um = 10.0\nminor_radius_um = 6.0\n"),
@@ -62,19 +61,12 @@ def config_text(shape: str, n: int, settings: Settings, refine: int,
                 curriculum: str = "long_to_short") -> str:
     """examples/paper_torus.toml with the grid, the geometry, the mode cap, the targets,
     the curriculum and (basis "frozen") the reduced model's basis replaced (TOML text)."""
-    text = (ROOT / "examples" / "paper_torus.toml").read_text()
-    text = re.sub(r"(?m)^cubes = .*$", f"cubes = {n}", text, count=1)
-    text = re.sub(r"(?m)^cube_um = .*$", f"cube_um = {BOX_UM / n!r}", text, count=1)
-    text = re.sub(r"(?ms)^\[geometry\]\n.*?(?=^\[)", SHAPES[shape] + "\n", text, count=1)
-    text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.max_modes}", text, count=1)
-    text = re.sub(r"(?m)^fibonacci = .*$", f"fibonacci = {settings.directions}", text)
-    text = re.sub(r'(?m)^curriculum = .*$', f'curriculum = "{curriculum}"', text, count=1)
     frozen = (f'basis = "frozen"\nbasis_refresh_every = {refresh_every}\n'
               if basis == "frozen" else "")
-    text = text.replace("[inversion]\n", f"[inversion]\niterations_per_stage = "
-                                         f"{settings.iterations}\n{frozen}", 1)
-    return (f"# experiments/refined_grids.py: {shape} on the n = {n} grid\n" + text +
-            f"\n[target]\ngrid_refinement = {refine}\n")
+    return default_config_text(SHAPES[shape], settings,
+                               f"experiments/refined_grids.py: {shape} on the n = {n} grid",
+                               cubes=n, curriculum=curriculum, inversion_lines=frozen,
+                               target_lines=f"grid_refinement = {refine}\n")
 
 
 def misfit_floor(comm, shape: str, n: int, settings: Settings, refine: int) -> dict:

@@ -21,6 +21,7 @@ from experiments import (
     dataset,
     prior_ablation,
     refined_grids,
+    robustness,
     staged_vs_split,
     torus_variants,
 )
@@ -204,3 +205,24 @@ def test_scripts_run_as_modules_only():
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "staged_vs_split.py")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "python -m experiments.staged_vs_split" in r.stderr, r.stderr
+
+
+def test_robustness_tiny(comm, out):
+    """The noise part at one SNR and seed, both misfits, 1 iteration per stage: the targets
+    carry the configured Rician noise (the saved configuration says so and the table lists
+    both misfits with finite scores, also against the analytic torus); a second call reuses
+    the saved runs."""
+    args = [*TINY, "--parts", "noise", "--snr", "50", "--seeds", "0", "--out", str(out)]
+    assert robustness.main(args) == 0
+    assert robustness.main(args) == 0
+    if comm.rank == 0:
+        md = (out / "robustness.md").read_text()
+        for misfit in ("plain", "rician"):
+            assert f"| torus | 50 | 0 | {misfit} |" in md, md
+            r = json.loads((out / "robustness" / f"noise__torus_snr50_seed0_{misfit}.json")
+                           .read_text())
+            assert "noise_snr = 50.0\nseed = 0" in r["config"]
+            assert ("[inversion]\niterations_per_stage = 1\nnoise_snr = 50.0"
+                    in r["config"]) == (misfit == "rician")
+            assert np.isfinite(r["metrics"]["cd_l2"]) and r["cd_l2_analytic"] > 0
+        assert (out / "robustness.png").stat().st_size > 10_000
