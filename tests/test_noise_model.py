@@ -9,7 +9,7 @@ order). Runs serially and under mpiexec -n 2.
 
 import numpy as np
 import pytest
-from test_tissue_gradient import TEXT, taylor_rates
+from test_tissue_gradient import TEXT, kappa_taylor_rates
 
 from spinverse_fem.config import parse_config
 from spinverse_fem.errors import InputError
@@ -57,13 +57,7 @@ def test_rician_second_moment():
 def test_rician_misfit_gradient_taylor(case, model, basis):
     """Reference: Taylor remainders in a random direction of kappa at the start: rates >= 1.9
     (the gradient differs from least squares only in the output cotangent)."""
-    kappa = case.start_kappa()
-    mis = case.misfit(model=model, basis=basis)
-    if model == "reduced":
-        mis.freeze_modes(kappa) if basis == "eigen" else mis.refresh(kappa)
-    g = mis.gradient(kappa)
-    d = np.random.default_rng(8).uniform(-1.0, 1.0, kappa.size) * kappa
-    rates, rem, slope = taylor_rates(mis.cost, g, kappa, d, h0=0.1, halvings=2)
+    rates, rem, slope = kappa_taylor_rates(case, model, basis, seed=8)
     print(f"{model} {basis}: slope {slope:.4g}, remainders {rem}, rates {rates}")
     assert abs(slope) > 1e-8
     assert np.all(rates >= 1.9), (rates, rem)

@@ -55,15 +55,17 @@ def random_protocol(seed: int = 1):
     return q, dirs
 
 
-def expm_signals(lam, W, nu0, segments, q, dirs):
-    """Reference: S_c = nu0^T prod_j expm(-dt_j (Lambda + i q_c f_j g_c.W)) nu0."""
+def expm_signals(lam, W, nu0, segments, q, dirs, readout=None):
+    """Reference: S_c = a^T prod_j expm(-dt_j (Lambda + i q_c f_j g_c.W)) nu0, a = readout
+    (default nu0)."""
+    a = nu0 if readout is None else readout
     out = []
     for qc, g in zip(q, dirs):
         G = np.tensordot(g, W, axes=1)
         x = nu0.astype(complex)
         for dt, f in segments:
             x = scipy.linalg.expm(-dt * (np.diag(lam) + 1j * qc * f * G)) @ x
-        out.append(nu0 @ x)
+        out.append(a @ x)
     return np.array(out)
 
 

@@ -11,14 +11,13 @@ same grid; second-order Taylor remainders for every gradient. Serial and mpiexec
 
 import numpy as np
 import pytest
-import scipy.linalg
 from references.multilayer import Layers, pgse_signal
-from test_propagator import FIVE, PGSE, random_model, random_protocol
+from test_propagator import FIVE, PGSE, expm_signals, random_model, random_protocol
 from test_tissue_compartments import TWO
 from test_tissue_compartments import config as planar_config
 from test_tissue_compartments import simulate as planar_simulate
 from test_tissue_gradient import TEXT as GRADIENT_TEXT
-from test_tissue_gradient import taylor_rates
+from test_tissue_gradient import kappa_taylor_rates
 
 from spinverse_fem.config import parse_config
 from spinverse_fem.errors import InputError
@@ -29,17 +28,6 @@ from spinverse_fem.geometry.phantom import build_phantom
 
 # x < 4 um: D 1.0, T2 40 ms, spin density 1.0; x > 4 um: D 2.5, T2 100 ms, spin density 0.3
 RHO = TWO.replace("t2_ms = 100.0\n", "t2_ms = 100.0\nspin_density = 0.3\n")
-
-
-def expm_readout_signals(lam, W, nu0, a, segments, q, dirs):
-    out = []
-    for qc, g in zip(q, dirs):
-        G = np.tensordot(g, W, axes=1)
-        x = nu0.astype(complex)
-        for dt, f in segments:
-            x = scipy.linalg.expm(-dt * (np.diag(lam) + 1j * qc * f * G)) @ x
-        out.append(a @ x)
-    return np.array(out)
 
 
 def _readout_model():
@@ -56,7 +44,7 @@ def test_readout_signals_match_expm_products(segments, reversal):
     (complex in general, also for PGSE): relative error <= 1e-12."""
     lam, W, nu0, a, q, dirs = _readout_model()
     S = propagate(lam, W, nu0, segments, q, dirs, readout=a, use_time_reversal=reversal)
-    ref = expm_readout_signals(lam, W, nu0, a, segments, q, dirs)
+    ref = expm_signals(lam, W, nu0, segments, q, dirs, readout=a)
     assert np.max(np.abs(ref.imag)) > 1e-3 * np.max(np.abs(ref))
     np.testing.assert_allclose(S, ref, rtol=0, atol=1e-12 * np.max(np.abs(ref)))
 
@@ -71,7 +59,7 @@ def test_readout_vjp_taylor_remainder_is_second_order(segments, reversal, full):
     evaluates J(L) independently through L = U diag(mu) U^T (rotating W, nu0 and a)."""
     lam, W, nu0, a, q, dirs = _readout_model()
     rng = np.random.default_rng(5)
-    target = expm_readout_signals(lam, W, nu0, a, segments, q, dirs)
+    target = expm_signals(lam, W, nu0, segments, q, dirs, readout=a)
     target = target * (1.0 + 0.1 * rng.standard_normal(target.size))
 
     def J(L, Wm, v, r):
@@ -165,15 +153,8 @@ def test_kappa_gradient_with_spin_density_taylor(rho_case, model, basis):
     start kappa, with a non-uniform spin density (targets simulated with it): second order
     (rates >= 1.9) for the eigenbasis model at a fixed mode count, the frozen basis and the
     full-order model."""
-    case = rho_case
-    assert case.phantom.spin_density is not None
-    kappa = case.start_kappa()
-    mis = case.misfit(model=model, basis=basis)
-    if model == "reduced":
-        mis.freeze_modes(kappa) if basis == "eigen" else mis.refresh(kappa)
-    g = mis.gradient(kappa)
-    d = np.random.default_rng(4).uniform(-1.0, 1.0, kappa.size) * kappa
-    rates, rem, slope = taylor_rates(mis.cost, g, kappa, d, h0=0.1, halvings=2)
+    assert rho_case.phantom.spin_density is not None
+    rates, rem, slope = kappa_taylor_rates(rho_case, model, basis, seed=4)
     print(f"{model} {basis}: slope {slope:.4g}, remainders {rem}, rates {rates}")
     assert abs(slope) > 1e-8
     assert np.all(rates >= 1.9), (rates, rem)

@@ -50,6 +50,19 @@ def taylor_rates(J, g, x, d, h0=1e-2, halvings=2):
     return np.log2(np.array(rem[:-1]) / np.array(rem[1:])), rem, slope
 
 
+def kappa_taylor_rates(case, model: str, basis: str, seed: int):
+    """(rates, remainders, slope) of the misfit's kappa gradient at the start kappa in a
+    seeded random direction (relative to kappa), the reduced model at a fixed mode count or
+    freshly frozen."""
+    kappa = case.start_kappa()
+    mis = case.misfit(model=model, basis=basis)
+    if model == "reduced":
+        mis.freeze_modes(kappa) if basis == "eigen" else mis.refresh(kappa)
+    g = mis.gradient(kappa)
+    d = np.random.default_rng(seed).uniform(-1.0, 1.0, kappa.size) * kappa
+    return taylor_rates(mis.cost, g, kappa, d, h0=0.1, halvings=2)
+
+
 @pytest.fixture(scope="module")
 def case():
     from mpi4py import MPI
