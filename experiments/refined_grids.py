@@ -131,6 +131,19 @@ def rescore(path: Path, spacing_um: float = 0.5) -> dict:
     return scores
 
 
+def stage_ends(r: dict) -> str:
+    """CD-L2 / BadEdge % of the interface at the end of every stage (from the history)."""
+    h = r.get("history") or {}
+    if not h.get("stage"):
+        return "-"
+    stage = list(h["stage"])
+    out = []
+    for s in dict.fromkeys(stage):
+        i = len(stage) - 1 - stage[::-1].index(s)
+        out.append(f"{fmt(h['cd_l2'][i])} / {fmt(h['bad_edge_pct'][i])}")
+    return " → ".join(out)
+
+
 def table(runs: list[dict]) -> str:
     rows = []
     for r in sorted(runs, key=lambda r: (r["shape"], r["n"])):
@@ -142,7 +155,7 @@ def table(runs: list[dict]) -> str:
                      fmt(r["scores"].get("cd_l2_target_grid")),
                      fmt(r["scores"].get("cd_l2_analytic")),
                      fmt(r["scores"].get("cd_l2_grid_truth_vs_analytic")),
-                     fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), its,
+                     fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), stage_ends(r), its,
                      fmt_seconds(r["seconds"]), fmt(r["seconds"] / max(its, 1)),
                      " ".join(str(k) for k in r["modes"]),
                      " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
@@ -151,6 +164,7 @@ def table(runs: list[dict]) -> str:
                            "CD-L2 (um^2)",
                            "CD-L2 to the target grid's truth", "CD-L2 to the analytic surface",
                            "(the grid's truth to the analytic surface)", "BadEdge %", "IoU",
+                           "CD-L2 / BadEdge % at each stage's end",
                            "iterations", "wall", "s / iteration", "modes per stage",
                            "misfit at the truth (5/6 / 10/20 / 10/60)"], rows)
 
