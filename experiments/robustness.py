@@ -20,7 +20,8 @@ Parts (--parts, default all three):
     mpiexec -n 2 python -m experiments.robustness                          # everything
 
 OUT/robustness.md (tables: CD-L2, BadEdge, IoU, sealed-compartment error per run, mean and
-spread per condition) and OUT/robustness.png (CD-L2 and BadEdge against SNR) are rewritten
+spread per condition), OUT/robustness.png (CD-L2 and BadEdge against SNR) and
+OUT/robustness_surfaces.png (reconstructed over true surfaces of a few runs) are rewritten
 after every run from all saved runs.
 """
 
@@ -103,6 +104,57 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int) -> list[tuple[str,
     return out
 
 
+def surfaces(r: dict, spacing_um: float = 1.0):
+    """(reconstructed triangles, true triangles) in um of a saved run: the faces below the
+    threshold at its final kappa, and the analytic surface of its [geometry] (marched at
+    spacing_um) or, for a file ground truth, its membrane faces."""
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.evaluation.analytic_surface import analytic_surface
+    from spinverse_fem.evaluation.interface import extract_interface
+    from spinverse_fem.geometry.phantom import build_phantom
+
+    cfg = parse_config(runnable_config(r["config"]), source=r["label"])
+    ph = build_phantom(cfg)
+    pred = extract_interface(10.0 ** np.asarray(r["final_log10_kappa"]),
+                             cfg.inversion.threshold_um_per_ms, ph.active)
+    recon = ph.grid.points[ph.faces.faces[pred]]
+    if cfg.geometry.kind in ("paper", "file_tags", "none"):
+        return recon, ph.grid.points[ph.faces.faces[ph.membrane]]
+    return recon, analytic_surface(cfg, spacing_um)
+
+
+def plot_reconstructions(runs: list[dict], path: Path) -> None:
+    """One 3-D panel per run: the reconstructed faces (blue) over the true surface (orange,
+    translucent), with the run's CD-L2 in the title."""
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    plt = pyplot()
+    ncols = min(len(runs), 4)
+    nrows = (len(runs) + ncols - 1) // ncols
+    fig = plt.figure(figsize=(max(3.4 * ncols, 6.0), 3.4 * nrows))
+    for k, r in enumerate(runs):
+        recon, truth = surfaces(r)
+        ax = fig.add_subplot(nrows, ncols, k + 1, projection="3d")
+        ax.add_collection3d(Poly3DCollection(truth, facecolors=[[0.9, 0.55, 0.25, 0.18]],
+                                             edgecolors="none"))
+        ax.add_collection3d(Poly3DCollection(recon, facecolors=[[0.25, 0.45, 0.85, 0.85]],
+                                             edgecolors="k", linewidths=0.15))
+        half = float(np.abs(np.concatenate([truth.reshape(-1, 3),
+                                            recon.reshape(-1, 3)])).max()) if recon.size else 14
+        for a in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+            a(-half, half)
+        ax.set_box_aspect((1, 1, 1))
+        ax.view_init(elev=22, azim=35)
+        ax.tick_params(labelsize=5)
+        snr = "noiseless" if r["snr"] is None else f"SNR {r['snr']:g}"
+        ax.set_title(f"{r['shape']} ({r['part']}, {snr})\nCD-L2 {r['metrics']['cd_l2']:.2f} "
+                     f"um^2, BadEdge {r['metrics']['bad_edge_pct']:.0f} %", fontsize=8)
+    fig.suptitle("reconstructed faces (blue) and the true surface (orange), um", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def analytic_cd(r: dict, spacing_um: float = 0.5) -> float | None:
     """CD-L2 (um^2) of a saved run's final interface to the analytic surface of its
     [geometry]; None for file ground truths."""
@@ -177,6 +229,12 @@ def report(out: Path) -> None:
                  markdown_table(["SNR", "misfit", "runs", "CD-L2 (um^2)", "BadEdge %"],
                                 summary), ""]
     atomic_write_text(out / "robustness.md", "\n".join(text) + "\n")
+    # a few reconstructions to look at: the smooth truths first, then one noisy torus per SNR
+    shown = [r for r in saved if r["part"] == "smooth"]
+    shown += list({r["snr"]: r for r in saved if r["part"] == "noise"
+                   and r["misfit"] == "plain" and r["seed"] == 0}.values())
+    if shown:
+        plot_reconstructions(shown[:8], out / "robustness_surfaces.png")
     noisy = [r for r in saved if r["part"] == "noise"]
     if noisy:
         plt = pyplot()

@@ -226,3 +226,4 @@ def test_robustness_tiny(comm, out):
                     in r["config"]) == (misfit == "rician")
             assert np.isfinite(r["metrics"]["cd_l2"]) and r["cd_l2_analytic"] > 0
         assert (out / "robustness.png").stat().st_size > 10_000
+        assert (out / "robustness_surfaces.png").stat().st_size > 10_000
