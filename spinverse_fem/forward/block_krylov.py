@@ -229,6 +229,7 @@ class _Orthogonaliser:
         self.rng = np.random.default_rng(seed + 7919 * comm.rank)
         self.timer = timer or _Timer()
         self.passes = 0
+        self.skipped = 0
 
     def _sum(self, local: np.ndarray) -> np.ndarray:
         return self.comm.allreduce(local, op=MPI.SUM)
@@ -237,17 +238,23 @@ class _Orthogonaliser:
         return self._sum(np.einsum("ij,ij->j", W, MW))
 
     def project_out(self, W: np.ndarray, bases: list[np.ndarray], passes: int = 2,
-                    refine: bool = True, MW: np.ndarray | None = None):
+                    refine: bool = True, MW: np.ndarray | None = None, sketch=None):
         """W minus its M-projection on the columns of every basis (each M-orthonormal), in
         up to `passes` classical Gram-Schmidt passes (the later ones only when needed if
-        refine); MW: M W if known. Returns (W, coefficients per basis, M W, squared M-norms
-        of the result)."""
+        refine); MW: M W if known. sketch: a `_Sketch` of bases[0] (the others empty): the
+        passes are skipped when it shows every coefficient below its tolerance. Returns (W,
+        coefficients per basis, M W, squared M-norms of the result)."""
         coeffs = [np.zeros((V.shape[1], W.shape[1])) for V in bases]
         live = [(i, V) for i, V in enumerate(bases) if V.shape[1]]
         if MW is None:
             with self.timer("orth_matmult"):
                 MW = apply_block(self.M, W)
         nrm = self._mnorm2(W, MW)
+        if live and sketch is not None and len(live) == 1 and live[0][0] == 0:
+            with self.timer("orth_sketch"):
+                if sketch.negligible(MW, nrm):
+                    self.skipped += 1
+                    return W, coeffs, MW, nrm
         for it in range(passes if live else 0):
             with self.timer("orth_gemm"):
                 Cs = self._sum(np.vstack([V.T @ MW for _, V in live]))
@@ -266,13 +273,14 @@ class _Orthogonaliser:
         return W, coeffs, MW, nrm
 
     def orthonormalise(self, W: np.ndarray, bases: list[np.ndarray], width: int | None = None,
-                       local: tuple[int, int] | None = None):
+                       local: tuple[int, int] | None = None, sketch=None):
         """Q (n_owned, width), coefficients C per basis and B (width, k) with
         W = sum_i bases[i] C_i + Q B; Q is M-orthonormal and M-orthogonal to every basis.
         width (>= k, default k) columns are returned; if W has lower numerical rank the rest
         are random directions (rows of B zero). Fewer columns only when the space runs out.
         local = (lo, hi): first one pass against the columns lo:hi of bases[0] alone (the
-        Lanczos recurrence), then the passes against everything."""
+        Lanczos recurrence), then the passes against everything (skipped when `sketch`, a
+        `_Sketch` of bases[0], shows them negligible)."""
         k = W.shape[1]
         width = k if width is None else max(int(width), k)
         W = np.array(W, dtype=float, order="F", copy=True)
@@ -286,7 +294,7 @@ class _Orthogonaliser:
                 Cl = self._sum(Vl.T @ MW)
                 W -= Vl @ Cl
             MW = None
-        W, coeffs, MW, _ = self.project_out(W, bases, MW=MW)
+        W, coeffs, MW, _ = self.project_out(W, bases, MW=MW, sketch=sketch)
         if Cl is not None:
             coeffs[0][local[0]:local[1]] += Cl
         with self.timer("orth_block"):
@@ -329,10 +337,38 @@ class _Orthogonaliser:
         return self.comm.bcast(out, root=0)
 
 
+class _Sketch:
+    """A random sketch S = V Omega (n_owned, r) of the basis V, Omega (columns of V, r) with
+    N(0, 1/r) entries (the same on every rank), kept up to date as V grows and rebuilt at a
+    restart. For a block W, S^T M W = Omega^T (V^T M W): r random combinations of the
+    Gram-Schmidt coefficients C = V^T M W at the cost of r basis columns instead of all of
+    them. ||Omega^T c||^2 / ||c||^2 is chi-square with r degrees of freedom over r, so an
+    estimate below tol / 10 means ||c|| < tol except with probability ~1e-20 for r = 32
+    (chi2_32 < 0.32). `negligible` is true when every column's estimate is below
+    tol / 10 times its M-norm: the full pass would change W by less than tol relative."""
+
+    def __init__(self, n_loc: int, cap: int, r: int, comm, tol: float, seed: int):
+        self.comm, self.tol = comm, float(tol)
+        self.omega = np.random.default_rng(seed).standard_normal((cap, r)) / np.sqrt(r)
+        self.S = np.zeros((n_loc, r))
+
+    def rebuild(self, V: np.ndarray, end: int) -> None:
+        self.S = V[:, :end] @ self.omega[:end]
+
+    def add(self, Q: np.ndarray, start: int) -> None:
+        self.S += Q @ self.omega[start:start + Q.shape[1]]
+
+    def negligible(self, MW: np.ndarray, mnorm2: np.ndarray) -> bool:
+        est = self.comm.allreduce(self.S.T @ MW, op=MPI.SUM)
+        return bool(np.all(np.linalg.norm(est, axis=0)
+                           < 0.1 * self.tol * np.sqrt(np.maximum(mnorm2, 0.0))))
+
+
 def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int | None = None,
                        tol: float = 1e-10, max_restarts: int = 200, keep: float = 0.5,
                        deflation: np.ndarray | None = None, initial: np.ndarray | None = None,
-                       seed: int = 0) -> BlockKSResult:
+                       seed: int = 0, sketch: int = 0, sketch_tol: float = 1e-12
+                       ) -> BlockKSResult:
     """The nev eigenpairs of (L, M) nearest the shift (the largest |theta| of T = op; the nev
     smallest when the shift lies below the spectrum).
 
@@ -340,7 +376,10 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
     ncv: largest basis before a restart (default max(2 nev, nev + 4 p)); deflation
     (n_owned, d): M-orthonormal vectors whose span is excluded (known eigenvectors);
     initial (n_owned, q): start vectors (the first block: q <= p of them plus random ones,
-    or p random combinations of q > p of them).
+    or p random combinations of q > p of them); sketch: r > 0 skips a block's full
+    Gram-Schmidt pass when an r-column random sketch of the basis (`_Sketch`) shows its
+    coefficients below sketch_tol relative (after the Lanczos recurrence they are often at
+    round-off: the full pass then only re-confirms orthogonality); 0: always the full pass.
     Returns the converged pairs, ascending in lambda."""
     comm = op.comm.tompi4py()
     M = op.M
@@ -373,6 +412,10 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
     Q, _, _ = ortho.orthonormalise(X0, [D], width=p)
     j, end = 0, Q.shape[1]
     V[:, :end] = Q
+    sk = (_Sketch(n_loc, cap, int(sketch), comm, sketch_tol, seed + 1)
+          if sketch and D.shape[1] == 0 else None)
+    if sk is not None:
+        sk.rebuild(V, end)
     local = 0   # first column the next block couples to in exact arithmetic
     restarts = 0
     solves0 = op.solves
@@ -386,7 +429,8 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
             # the Lanczos recurrence first: in exact arithmetic T V_j couples only to the
             # previous and the current block (to everything right after a restart); then one
             # full pass (a second one only when needed) keeps the basis orthogonal
-            Q, (C, _), Bk = ortho.orthonormalise(W, [V[:, :end], D], local=(local, end))
+            Q, (C, _), Bk = ortho.orthonormalise(W, [V[:, :end], D], local=(local, end),
+                                                 sketch=sk)
             local = j
             H[:end, j:end] = C
             H[j:end, :end] = C.T
@@ -394,6 +438,9 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
             H[end:end + b, j:end] = Bk
             H[j:end, end:end + b] = Bk.T
             V[:, end:end + b] = Q
+            if sk is not None:
+                with timer("orth_sketch"):
+                    sk.add(Q, end)
             j, end = end, end + b
         # Rayleigh-Ritz in V[:, :j]; V[:, j:end] is the residual block
         m = j
@@ -426,6 +473,9 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
         j, end = kept, kept + b
         local = 0
         restarts += 1
+        if sk is not None:
+            with timer("orth_sketch"):
+                sk.rebuild(V, end)
     if not done and end > m:
         raise SolverError(f"block Krylov-Schur converged {nconv} of {nev} eigenpairs after "
                           f"{restarts} restarts (tol {tol:g})")
@@ -437,5 +487,6 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
     lam, rel = lam[order], rel[:nconv][order]
     seconds = dict(timer.seconds)
     seconds["orth_passes"] = ortho.passes
+    seconds["orth_skipped"] = ortho.skipped
     return BlockKSResult(lam=lam, vecs=vecs, restarts=restarts, solves=op.solves - solves0,
                          residuals=rel, seconds=seconds)

@@ -192,9 +192,9 @@ def eigen_method(method: str | None = None) -> str:
     return method
 
 
-def _block_options(keys=("block", "ncv")) -> dict:
-    """-spinverse_bks_block p and -spinverse_bks_ncv n for the block method,
-    -spinverse_bks_slices s for block slicing."""
+def _block_options(keys=("block", "ncv", "sketch")) -> dict:
+    """-spinverse_bks_block p, -spinverse_bks_ncv n and -spinverse_bks_sketch r for the block
+    method, -spinverse_bks_slices s for block slicing."""
     from spinverse_fem.forward.block_krylov import SI_PREFIX
 
     opts = PETSc.Options(SI_PREFIX)
@@ -202,6 +202,8 @@ def _block_options(keys=("block", "ncv")) -> dict:
     for key in keys:
         if opts.hasName(key):
             out[key] = opts.getInt(key)
+    if "sketch" in keys and opts.hasName("sketch_tol"):
+        out["sketch_tol"] = opts.getReal("sketch_tol")
     return out
 
 
