@@ -203,32 +203,37 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
             "a face set of this grid can do on the last measure.\n\n" + table(runs) + "\n")
     atomic_write_text(out / "refined_grids.md", text)
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    def kind(r):
-        return r["shape"], r["basis"].split(",")[0], r["settings"]["max_modes"], r["curriculum"]
-
-    for shape, basis, cap, cur in sorted({kind(r) for r in runs}):
-        rs = sorted((r for r in runs if kind(r) == (shape, basis, cap, cur)),
-                    key=lambda r: r["n"])
-        shape = f"{shape} ({basis}, K <= {cap}, {cur})"
-        ns = [r["n"] for r in rs]
-        axes[0].plot(ns, [r["metrics"]["cd_l2"] for r in rs], "o-", label=shape)
-        scored = [r for r in rs if r["scores"].get("cd_l2_analytic") is not None]
-        if scored:
-            axes[0].plot([r["n"] for r in scored], [r["scores"]["cd_l2_analytic"]
-                                                    for r in scored], "s--",
-                         label=f"{shape}: to the analytic surface")
-        axes[1].plot(ns, [r["metrics"]["bad_edge_pct"] for r in rs], "o-", label=shape)
-        axes[2].plot(ns, [r["seconds"] / max(r["iterations"], 1) for r in rs], "o-",
-                     label=shape)
-    for ax, name in zip(axes, ("CD-L2 (um^2; solid: to the grid's truth)", "BadEdge (%)",
-                               "seconds per iteration"),
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    # the main comparison: frozen basis, the default cap; colour = shape, line = curriculum
+    main = [r for r in runs
+            if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120]
+    colours = {"torus": "C0", "sphere": "C1", "bent_axon": "C2"}
+    styles = {"long_to_short": "-", "cumulative": "--"}
+    for shape in sorted({r["shape"] for r in main}):
+        for cur in sorted({r["curriculum"] for r in main}):
+            rs = sorted((r for r in main if (r["shape"], r["curriculum"]) == (shape, cur)),
+                        key=lambda r: r["n"])
+            if not rs:
+                continue
+            kw = dict(color=colours.get(shape), ls=styles.get(cur, ":"), marker="o",
+                      label=f"{shape}, {cur}")
+            scored = [r for r in rs if r["scores"].get("cd_l2_analytic") is not None]
+            axes[0].plot([r["n"] for r in scored],
+                         [r["scores"]["cd_l2_analytic"] for r in scored], **kw)
+            axes[1].plot([r["n"] for r in rs], [r["metrics"]["bad_edge_pct"] for r in rs], **kw)
+            axes[2].plot([r["n"] for r in rs], [r["seconds"] / max(r["iterations"], 1)
+                                                for r in rs], **kw)
+    for ax, name in zip(axes, ("CD-L2 to the analytic surface (um^2)",
+                               "BadEdge (%, against the grid's truth)",
+                               "seconds per iteration (ranks as in the table)"),
                         strict=True):
         ax.set_xlabel("cubes per side n")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     axes[2].set_yscale("log")
+    fig.suptitle("refined-grid inversions, frozen basis, K <= 120 (all variants: "
+                 "refined_grids.md)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out / "refined_grids.png")
 
