@@ -201,6 +201,9 @@ def _invert(args, comm, cfg, out: Path, t0: float, interrupts: Interrupts) -> in
 
     for line in tissue_summary(cfg, problem):
         say(comm, "  " + line)
+    if cfg.inversion.noise_snr is not None:
+        say(comm, f"  misfit: Rician magnitudes at SNR {cfg.inversion.noise_snr:g} "
+                  "(sqrt(|S/S0|^2 + 2/SNR^2) against |data|)")
     if case.params.tissue is not None:
         start = case.tissue_values(case.start_x())
         say(comm, f"  also fitted: {' and '.join(cfg.inversion.fit_compartments)} of every "
