@@ -70,7 +70,8 @@ def config_text(geometry_toml: str, settings: Settings, header: str, *,
                                target_lines=target)
 
 
-def runs(parts, settings: Settings, snrs, seeds, refine: int) -> list[tuple[str, str, dict]]:
+def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20
+         ) -> list[tuple[str, str, dict]]:
     """[(label, config text, description)] of the selected runs, in running order."""
     from experiments.dataset import find, generated_ground_truths, paper_ground_truths
 
@@ -94,7 +95,7 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int) -> list[tuple[str,
                         snr=snr, seed=seed, misfit=misfit),
                         dict(part="noise", shape="torus", snr=snr, seed=seed, misfit=misfit)))
     if "shapes" in parts:
-        for gt in paper_ground_truths():
+        for gt in paper_ground_truths()[:meshes]:
             for snr in (None, 50.0):
                 label = f"shapes__{gt.name}_" + ("noiseless" if snr is None else f"snr{snr:g}")
                 out.append((label, config_text(gt.geometry_toml, settings,
@@ -177,7 +178,9 @@ def analytic_cd(r: dict, spacing_um: float = 0.5) -> float | None:
 def _row(r: dict) -> list:
     m = r["metrics"]
     sealed = m.get("sealed_status_mismatch_tets")
-    return [r["shape"], "-" if r["snr"] is None else f"{r['snr']:g}", r.get("seed", "-"),
+    seed = r.get("seed")
+    return [r["shape"], "-" if r["snr"] is None else f"{r['snr']:g}",
+            "-" if seed is None else seed,
             r["misfit"], fmt(m.get("cd_l2")), fmt(r.get("cd_l2_analytic")),
             fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), "-" if sealed is None else sealed,
             fmt_seconds(r["seconds"])]
@@ -263,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--snr", type=float, nargs="+", default=[100.0, 50.0, 20.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--refine", type=int, default=3)
+    p.add_argument("--meshes", type=int, default=20,
+                   help="shapes part: the first N paper ground truths (list order)")
     p.add_argument("--iterations", type=int, default=200, help="per stage (three stages)")
     p.add_argument("--max-modes", type=int, default=120)
     p.add_argument("--reference-max-modes", type=int, default=500)
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
                         reference_max_modes=a.reference_max_modes, directions=a.directions)
     folder = a.out / "robustness"
-    for label, text, desc in runs(a.parts, settings, a.snr, a.seeds, a.refine):
+    for label, text, desc in runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes):
         say(comm, f"== {label}")
         res = cached_run(comm, folder / f"{label}.json", text, settings, label,
                          log=iteration_logger(comm, a.log_every))
