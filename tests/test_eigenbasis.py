@@ -161,27 +161,34 @@ def test_new_methods_complete_the_zero_cluster(comm, method):
     assert np.all(basis.lam[T:] > 1e-3)
 
 
+def torus_with_block_option(comm, method: str, key: str, value):
+    """(Krylov-Schur reference, `method`'s basis with -spinverse_bks_<key> value, L, M) on the
+    torus grid at its ground truth, the rule capped at 200 modes."""
+    from petsc4py import PETSc
+
+    model = torus_operators(comm)
+    L, M = model.ops.L, model.ops.M
+    opts = PETSc.Options("spinverse_bks_")
+    opts[key] = value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            ref = solve_eigenbasis(L, M, method="krylovschur", lam_max=model.lam_max,
+                                   max_modes=200)
+            basis = solve_eigenbasis(L, M, method=method, lam_max=model.lam_max,
+                                     max_modes=200)
+    finally:
+        opts.delValue(key)
+    return ref, basis, L, M
+
+
 def test_block_slicing_with_many_slices_agrees_with_krylovschur(comm):
     """Reference: Krylov-Schur, as above, on the torus grid at its ground truth (double and
     triple eigenvalues, so slice boundaries fall between close pairs) with 5 slices forced
     (-spinverse_bks_slices; the spectrum's gap above the membrane-bound modes makes the
     boundaries move by inertia counts): every slice yields exactly its inertia count, and the
     union is the same basis."""
-    from petsc4py import PETSc
-
-    model = torus_operators(comm)
-    L, M = model.ops.L, model.ops.M
-    opts = PETSc.Options("spinverse_bks_")
-    opts["slices"] = 5
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ref = solve_eigenbasis(L, M, method="krylovschur", lam_max=model.lam_max,
-                                   max_modes=200)
-            basis = solve_eigenbasis(L, M, method="block_slicing", lam_max=model.lam_max,
-                                     max_modes=200)
-    finally:
-        opts.delValue("slices")
+    ref, basis, L, M = torus_with_block_option(comm, "block_slicing", "slices", 5)
     info = basis.info["block_slicing"]
     assert basis.info["method"] == "block_slicing" and info["slices"] >= 4
     counts = [x["count"] for x in info["per_slice"]]
@@ -195,21 +202,7 @@ def test_block_sketch_skips_full_passes_and_agrees_with_krylovschur(comm):
     -spinverse_bks_sketch 32 the block method skips the full Gram-Schmidt pass of the blocks
     whose coefficients a 32-column random sketch of the basis shows below 1e-12 (some must be
     skipped here) and still returns the same basis to the tolerances above."""
-    from petsc4py import PETSc
-
-    model = torus_operators(comm)
-    L, M = model.ops.L, model.ops.M
-    opts = PETSc.Options("spinverse_bks_")
-    opts["sketch"] = 32
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ref = solve_eigenbasis(L, M, method="krylovschur", lam_max=model.lam_max,
-                                   max_modes=200)
-            basis = solve_eigenbasis(L, M, method="block", lam_max=model.lam_max,
-                                     max_modes=200)
-    finally:
-        opts.delValue("sketch")
+    ref, basis, L, M = torus_with_block_option(comm, "block", "sketch", 32)
     phases = basis.info["phases"]
     print(f"full passes {phases['orth_passes']:.0f}, skipped {phases['orth_skipped']:.0f}")
     assert phases["orth_skipped"] >= 1
