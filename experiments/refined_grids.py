@@ -175,7 +175,7 @@ def _saved(path: Path, spacing_um: float) -> dict:
     from spinverse_fem.config.schema import estimated_tetrahedra
 
     r = json.loads(path.read_text())
-    shape, n, _, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?(_cumulative)?",
+    shape, n, _, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?(_cumulative|_staged)?",
                                      path.stem).groups()
     cfg = parse_config(r["config"], source=path.name)
     basis = (f"frozen, refresh every {cfg.inversion.basis_refresh_every}"
@@ -208,7 +208,7 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
     main = [r for r in runs
             if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120]
     colours = {"torus": "C0", "sphere": "C1", "bent_axon": "C2"}
-    styles = {"long_to_short": "-", "cumulative": "--"}
+    styles = {"long_to_short": "-", "cumulative": "--", "staged": ":"}
     for shape in sorted({r["shape"] for r in main}):
         for cur in sorted({r["curriculum"] for r in main}):
             rs = sorted((r for r in main if (r["shape"], r["curriculum"]) == (shape, cur)),
@@ -256,9 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--floor", action="store_true",
                    help="also the misfit at the ground truth with same-grid and refined targets")
     p.add_argument("--curriculum", default="long_to_short",
-                   choices=["long_to_short", "cumulative"],
-                   help="the default example's long_to_short, or cumulative (stage k fits the k "
-                        "longest sequences jointly)")
+                   choices=["long_to_short", "cumulative", "staged"],
+                   help="the default example's long_to_short, cumulative (stage k fits the k "
+                        "longest sequences jointly) or the paper's staged (10/60 then 10/20 ms)")
     p.add_argument("--analytic-spacing", type=float, default=0.5,
                    help="um: marching cubes of the analytic surface that runs are scored on")
     a = p.parse_args(argv)
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             label = (f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
                                         else "")
                      + (f"_K{a.max_modes}" if a.max_modes != 120 else "")
-                     + ("_cumulative" if a.curriculum == "cumulative" else ""))
+                     + (f"_{a.curriculum}" if a.curriculum != "long_to_short" else ""))
             say(comm, f"== {label}")
             res = cached_run(comm, folder / f"{label}.json",
                              config_text(shape, n, settings, a.refine, a.basis,
