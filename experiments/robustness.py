@@ -18,6 +18,9 @@ Parts (--parts, default all three):
 
     python -m experiments.robustness --parts noise --snr 50 --seeds 0     # one condition
     mpiexec -n 2 python -m experiments.robustness                          # everything
+    python -m experiments.robustness --shard 0/2 & python -m experiments.robustness --shard 1/2
+                                      # everything, as two one-core processes (faster here:
+                                      # the paper grid gains little from a second rank)
 
 OUT/robustness.md (tables: CD-L2, BadEdge, IoU, sealed-compartment error per run, mean and
 spread per condition), OUT/robustness.png (CD-L2 and BadEdge against SNR) and
@@ -95,8 +98,9 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20
                         snr=snr, seed=seed, misfit=misfit),
                         dict(part="noise", shape="torus", snr=snr, seed=seed, misfit=misfit)))
     if "shapes" in parts:
-        for gt in paper_ground_truths()[:meshes]:
-            for snr in (None, 50.0):
+        # all noiseless runs first: the 20-shape noiseless mean is the study's first target
+        for snr in (None, 50.0):
+            for gt in paper_ground_truths()[:meshes]:
                 label = f"shapes__{gt.name}_" + ("noiseless" if snr is None else f"snr{snr:g}")
                 out.append((label, config_text(gt.geometry_toml, settings,
                                                f"experiments/robustness.py: {label}", snr=snr),
@@ -273,13 +277,23 @@ def main(argv=None) -> int:
     p.add_argument("--reference-max-modes", type=int, default=500)
     p.add_argument("--directions", type=int, default=30)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--shard", default="0/1", metavar="I/K",
+                   help="run only every K-th of the selected runs starting at I (0-based): "
+                        "K independent processes sharing --out, e.g. one per core")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    try:
+        shard, shards = (int(v) for v in a.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard: expected I/K with 0 <= I < K, got {a.shard!r}")
     comm = mpi_comm()
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
                         reference_max_modes=a.reference_max_modes, directions=a.directions)
     folder = a.out / "robustness"
-    for label, text, desc in runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes):
+    selected = runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes)[shard::shards]
+    for label, text, desc in selected:
         say(comm, f"== {label}")
         res = cached_run(comm, folder / f"{label}.json", text, settings, label,
                          log=iteration_logger(comm, a.log_every))
