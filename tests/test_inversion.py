@@ -96,32 +96,27 @@ def test_small_inversion_recovers_sphere(comm):
 
 
 def test_tao_resume_is_exact(comm):
-    """Reference: an uninterrupted TAO run; stopping after the first checkpoint (in-process)
-    and resuming from the saved state must give the same kappa (TAO restarts at checkpoints)."""
-    cfg = sphere_config("blmvm", iterations=6, every=3)
-    _, full = run_inversion(comm, cfg)
+    """Reference: the same TAO run continued past its first checkpoint; resuming from the
+    state saved there must give the same kappa (TAO restarts at checkpoints)."""
+    import copy
+
+    cfg = sphere_config("blmvm", iterations=5, every=3)
     saved = {}
 
-    class Stop(Exception):
-        pass
+    def keep_first(st):
+        saved.setdefault("state", copy.deepcopy(st))
 
-    def stop_after_first(st):
-        import copy
-
-        saved["state"] = copy.deepcopy(st)
-        raise Stop
-
-    with pytest.raises(Stop):
-        run_inversion(comm, cfg, checkpoint=stop_after_first)
+    _, full = run_inversion(comm, cfg, checkpoint=keep_first)
     assert saved["state"].global_iteration == 3
     _, resumed = run_inversion(comm, cfg, state=saved["state"])
-    # serially bit-for-bit with one thread; with two OpenMP/BLAS threads on a loaded machine
-    # the factorisations are not bitwise reproducible between calls either (measured 2e-12
-    # after six iterations, CI-like `make test` on a loaded machine); across ranks parallel
-    # MUMPS differs between calls (~1e-16), which six blmvm iterations amplify to 4e-11 ..
-    # 3e-7 (the line search's accept/reject decisions differ now and then). A resume that
-    # did not restart exactly would differ by ~1e-3.
-    np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-9 if comm.size == 1 else 1e-5)
+    print(f"max |resumed - full| in log10 kappa: {np.max(np.abs(resumed.x - full.x)):.3g}")
+    # Both runs leave the same saved state, so only the two iterations after it can differ:
+    # serially bit-for-bit with one thread; on 2 ranks parallel MUMPS is not bitwise
+    # reproducible between calls (its dynamic scheduling follows message timing, ~1e-16), and
+    # blmvm's line search amplifies that (measured up to 2.9e-5 over six iterations on a
+    # loaded machine when the comparison run was a separate run from the start). A resume
+    # that lost state (stage, mode count, x) differs by ~1e-3.
+    np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-9 if comm.size == 1 else 1e-7)
 
 
 @pytest.mark.serial_only
