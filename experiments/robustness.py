@@ -6,7 +6,7 @@ sequences, long_to_short, Adam, manifold weight 4) with its [geometry] replaced;
 per run, each saved as OUT/robustness/<part>__<label>.json and reused when its configuration
 and settings are unchanged (rerun the same command after a kill).
 
-Parts (--parts, default all three):
+Parts (--parts, default all four):
   smooth  sphere, torus, cylinder (our analytic shapes, the paper's sizes) and two generated
           bent axons: targets simulated on the grid refined --refine times (default 3; the
           membrane re-resolved on the shape's true surface there, no inverse crime), noiseless;
@@ -15,6 +15,8 @@ Parts (--parts, default all three):
           (relative to S0 = 1), seeds 0, 1, 2; misfit "plain" (least squares on S/S0) and
           "rician" ([inversion] noise_snr = SNR: the Rician-biased magnitude).
   shapes  the paper's 20 ground truths, noiseless and at SNR 50 (seed 0), plain misfit.
+  weights the torus-tuned manifold weight (4) re-checked on every 4th paper ground truth
+          (5 shapes, noiseless) at --manifold-weights (default 2, the paper's, and 8).
 
     python -m experiments.robustness --parts noise --snr 50 --seeds 0     # one condition
     mpiexec -n 2 python -m experiments.robustness                          # everything
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +61,8 @@ from experiments.common import (  # noqa: E402
     say,
 )
 
-PARTS = ("smooth", "noise", "shapes")
+PARTS = ("smooth", "noise", "shapes", "weights")
+DEFAULT_MANIFOLD_WEIGHT = 4.0          # examples/paper_torus.toml
 SMOOTH = ("gen_sphere", "gen_torus", "gen_cylinder", "gen_axon_s00", "gen_axon_s01")
 MISFITS = ("plain", "rician")
 
@@ -73,8 +77,8 @@ def config_text(geometry_toml: str, settings: Settings, header: str, *,
                                target_lines=target)
 
 
-def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20
-         ) -> list[tuple[str, str, dict]]:
+def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20,
+         manifold_weights=(2.0, 8.0)) -> list[tuple[str, str, dict]]:
     """[(label, config text, description)] of the selected runs, in running order."""
     from experiments.dataset import find, generated_ground_truths, paper_ground_truths
 
@@ -106,6 +110,18 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20
                                                f"experiments/robustness.py: {label}", snr=snr),
                             dict(part="shapes", shape=gt.name, snr=snr, seed=0,
                                  misfit="plain")))
+    if "weights" in parts:
+        for w in manifold_weights:
+            for gt in paper_ground_truths()[:meshes][::4]:
+                label = f"weights__{gt.name}_manifold{w:g}"
+                text = config_text(gt.geometry_toml, settings,
+                                   f"experiments/robustness.py: {label}")
+                text, n = re.subn(r"(?m)^manifold_weight = .*$", f"manifold_weight = {w!r}",
+                                  text)
+                if n != 1:
+                    raise RuntimeError("the default example has no single manifold_weight line")
+                out.append((label, text, dict(part="weights", shape=gt.name, snr=None, seed=0,
+                                              misfit="plain", manifold_weight=w)))
     return out
 
 
@@ -224,6 +240,34 @@ TARGETS = (
 )
 
 
+def weights_section(saved: list[dict]) -> list[str]:
+    """Markdown lines: the manifold weight re-checked, per shape and as means over the shapes
+    run at every weight (the default weight's runs are the noiseless shapes part's)."""
+    alt = [r for r in saved if r["part"] == "weights"]
+    if not alt:
+        return []
+    base = {r["shape"]: r for r in saved if r["part"] == "shapes" and r["snr"] is None}
+    by_w: dict = {DEFAULT_MANIFOLD_WEIGHT: base}
+    for r in alt:
+        by_w.setdefault(r["manifold_weight"], {})[r["shape"]] = r
+    weights = sorted(by_w)
+    shapes = sorted({r["shape"] for r in alt})
+    rows, common = [], [s for s in shapes if all(s in by_w[w] for w in weights)]
+    for shape in shapes:
+        rows.append([shape] + [f"{fmt(by_w[w][shape]['metrics']['cd_l2'])} / "
+                               f"{by_w[w][shape]['metrics']['bad_edge_pct']:.1f}"
+                               if shape in by_w[w] else "..." for w in weights])
+    if common:
+        rows.append([f"**mean over {len(common)}**"] + [
+            f"**{np.mean([by_w[w][s]['metrics']['cd_l2'] for s in common]):.3g} / "
+            f"{np.mean([by_w[w][s]['metrics']['bad_edge_pct'] for s in common]):.1f}**"
+            for w in weights])
+    return ["## The manifold weight re-checked (noiseless, CD-L2 um^2 / BadEdge %)\n",
+            markdown_table(["shape"] + [f"weight {w:g}" + (" (default)" if
+                                        w == DEFAULT_MANIFOLD_WEIGHT else "")
+                                        for w in weights], rows), ""]
+
+
 def targets_section(saved: list[dict]) -> list[str]:
     """Markdown lines: each issue target, the measured mean (and worst run) over the runs saved
     so far, and whether it is met or by how much it is missed."""
@@ -283,6 +327,7 @@ def report(out: Path) -> None:
         text += ["Mean ± standard deviation per condition:\n",
                  markdown_table(["SNR", "misfit", "runs", "CD-L2 (um^2)", "BadEdge %"],
                                 summary), ""]
+    text += weights_section(saved)
     text += targets_section(saved)
     atomic_write_text(out / "robustness.md", "\n".join(text) + "\n")
     # a few reconstructions to look at: the smooth truths, one noisy torus per SNR, and the
@@ -324,7 +369,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--refine", type=int, default=3)
     p.add_argument("--meshes", type=int, default=20,
-                   help="shapes part: the first N paper ground truths (list order)")
+                   help="shapes and weights parts: the first N paper ground truths (list order)")
+    p.add_argument("--manifold-weights", type=float, nargs="+", default=[2.0, 8.0],
+                   help="weights part: manifold weights compared with the default 4")
     p.add_argument("--iterations", type=int, default=200, help="per stage (three stages)")
     p.add_argument("--max-modes", type=int, default=120)
     p.add_argument("--reference-max-modes", type=int, default=500)
@@ -345,7 +392,8 @@ def main(argv=None) -> int:
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
                         reference_max_modes=a.reference_max_modes, directions=a.directions)
     folder = a.out / "robustness"
-    selected = runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes)[shard::shards]
+    selected = runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes,
+                    a.manifold_weights)[shard::shards]
     for label, text, desc in selected:
         say(comm, f"== {label}")
         res = cached_run(comm, folder / f"{label}.json", text, settings, label,

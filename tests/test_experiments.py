@@ -227,3 +227,27 @@ def test_robustness_tiny(comm, out):
             assert np.isfinite(r["metrics"]["cd_l2"]) and r["cd_l2_analytic"] > 0
         assert (out / "robustness.png").stat().st_size > 10_000
         assert (out / "robustness_surfaces.png").stat().st_size > 10_000
+        # the issue's SNR 50 target is reported from the plain run alone (1 of 3 seeds)
+        row = next(line for line in md.splitlines() if line.startswith(
+            "| default torus, SNR 50 (plain misfit, every seed): mean CD-L2"))
+        r = json.loads((out / "robustness" / "noise__torus_snr50_seed0_plain.json").read_text())
+        assert f"| {r['metrics']['cd_l2']:.3g} |" in row and "| 1 |" in row, row
+        assert "| 0 | not run yet |" in md
+
+
+def test_robustness_weights_part_changes_only_the_manifold_weight():
+    """Reference: the default example's configuration text: the weights part's runs differ
+    from the noiseless shapes part's only in the manifold_weight line (every 4th shape)."""
+    from experiments.common import Settings
+
+    shapes = robustness.runs(["shapes"], Settings(), [], [], 3, meshes=8)
+    weights = robustness.runs(["weights"], Settings(), [], [], 3, meshes=8,
+                              manifold_weights=(2.0, 8.0))
+    assert [d["manifold_weight"] for _, _, d in weights] == [2.0, 2.0, 8.0, 8.0]
+    clean = {d["shape"]: t for _, t, d in shapes if d["snr"] is None}
+    for label, text, d in weights:
+        assert d["shape"] in list(clean)[::4]
+        differ = [(a, b) for a, b in zip(clean[d["shape"]].splitlines(), text.splitlines(),
+                                         strict=True) if a != b]
+        assert differ[1:] == [("manifold_weight = 4.0",
+                               f"manifold_weight = {d['manifold_weight']!r}")], differ
