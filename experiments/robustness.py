@@ -209,12 +209,27 @@ def _row(r: dict) -> list:
             r["misfit"], fmt(m.get("cd_l2")), fmt(r.get("cd_l2_analytic")),
             fmt(r.get("cd_l2_analytic_grid_truth")),
             fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), "-" if sealed is None else sealed,
+            _before_last_stage(r),
+            ", ".join(f"{k} {v:.2g}" for k, v in r.get("misfit_per_sequence", {}).items())
+            or "-",
             fmt_seconds(r["seconds"])]
+
+
+def _before_last_stage(r: dict) -> str:
+    """CD-L2 / BadEdge % at the last iteration before the final stage began."""
+    h = r.get("history") or {}
+    stage = np.asarray(h.get("stage", []))
+    if stage.size == 0 or stage.max() == 0:
+        return "-"
+    i = int(np.flatnonzero(stage < stage.max())[-1])
+    return f"{h['cd_l2'][i]:.3g} / {h['bad_edge_pct'][i]:.1f}"
 
 
 HEADER = ["shape", "SNR", "seed", "misfit", "CD-L2 (um^2)", "CD-L2 to the analytic surface",
           "the n = 4 truth to the analytic surface",
-          "BadEdge %", "IoU", "sealed-compartment error (tets)", "wall"]
+          "BadEdge %", "IoU", "sealed-compartment error (tets)",
+          "CD-L2 / BadEdge before the last stage",
+          "final misfit per sequence (delta/Delta ms: J)", "wall"]
 
 
 def _mean_spread(rs: list[dict], key) -> str:
