@@ -200,6 +200,20 @@ def analytic_cd(r: dict, spacing_um: float = 0.5, *, truth: bool = False) -> flo
                             analytic_surface(cfg, spacing_um)))
 
 
+def sides(r: dict) -> dict:
+    """Where a saved run's final faces lie relative to its grid's truth (`face_sides`)."""
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.evaluation.compartments import face_sides
+    from spinverse_fem.evaluation.interface import extract_interface
+    from spinverse_fem.geometry.phantom import build_phantom
+
+    cfg = parse_config(runnable_config(r["config"]), source=r["label"])
+    ph = build_phantom(cfg)
+    pred = extract_interface(10.0 ** np.asarray(r["final_log10_kappa"]),
+                             cfg.inversion.threshold_um_per_ms, ph.active)
+    return face_sides(ph.faces, pred, ph.membrane)
+
+
 def _row(r: dict) -> list:
     m = r["metrics"]
     sealed = m.get("sealed_status_mismatch_tets")
@@ -209,7 +223,8 @@ def _row(r: dict) -> list:
             r["misfit"], fmt(m.get("cd_l2")), fmt(r.get("cd_l2_analytic")),
             fmt(r.get("cd_l2_analytic_grid_truth")),
             fmt(m.get("bad_edge_pct")), fmt(m.get("iou")), "-" if sealed is None else sealed,
-            _before_last_stage(r),
+            "{on} / {inside} / {outside}".format(**r["face_sides"]) if "face_sides" in r
+            else "-", _before_last_stage(r),
             ", ".join(f"{k} {v:.2g}" for k, v in r.get("misfit_per_sequence", {}).items())
             or "-",
             fmt_seconds(r["seconds"])]
@@ -228,7 +243,7 @@ def _before_last_stage(r: dict) -> str:
 HEADER = ["shape", "SNR", "seed", "misfit", "CD-L2 (um^2)", "CD-L2 to the analytic surface",
           "the n = 4 truth to the analytic surface",
           "BadEdge %", "IoU", "sealed-compartment error (tets)",
-          "CD-L2 / BadEdge before the last stage",
+          "faces on / inside / outside the truth", "CD-L2 / BadEdge before the last stage",
           "final misfit per sequence (delta/Delta ms: J)", "wall"]
 
 
@@ -309,9 +324,10 @@ def report(out: Path) -> None:
         r = json.loads(p.read_text())
         if "part" not in r:         # another process (--shard) has not labelled it yet
             continue
-        if "cd_l2_analytic_grid_truth" not in r:
+        if "face_sides" not in r:
             r["cd_l2_analytic"] = analytic_cd(r)
             r["cd_l2_analytic_grid_truth"] = analytic_cd(r, truth=True)
+            r["face_sides"] = sides(r)
             atomic_write_text(p, json.dumps(r, indent=1) + "\n")
         saved.append(r)
     if not saved:

@@ -52,3 +52,30 @@ def test_torus_filled_as_a_disk_is_reported():
     assert out["true_sealed_compartment_tets"] == [64]
     assert out["pred_sealed_compartment_tets"] == [int(disk.sum())]
     assert out["sealed_status_mismatch_tets"] == int(hole.sum()) > 0
+
+
+def _neighbours(table, tets):
+    """tets plus every tet sharing an interior face with one of them."""
+    c = table.cells[table.cells[:, 1] >= 0]
+    grown = tets.copy()
+    grown[c[tets[c[:, 0]], 1]] = True
+    grown[c[tets[c[:, 1]], 0]] = True
+    return grown
+
+
+def test_face_sides_of_a_grown_and_a_shrunk_sphere():
+    """Reference: the sphere's inside tets grown (shrunk) by one layer of face neighbours: the
+    grown set's faces all lie outside the true sphere, the shrunk set's all inside it, the
+    truth's own faces all on it."""
+    from spinverse_fem.evaluation.compartments import face_sides
+
+    g, table = _grid()
+    inside = inside_tets(g, paper_shape("sphere"))
+    truth = membrane_faces(table, inside)
+    grown = membrane_faces(table, _neighbours(table, inside))
+    shrunk = membrane_faces(table, ~_neighbours(table, ~inside))
+    assert face_sides(table, truth, truth) == {"on": int(truth.sum()), "inside": 0, "outside": 0}
+    assert face_sides(table, grown, truth) == {"on": 0, "inside": 0, "outside": int(grown.sum())}
+    assert shrunk.sum() > 0
+    assert face_sides(table, shrunk, truth) == {"on": 0, "inside": int(shrunk.sum()),
+                                                "outside": 0}

@@ -58,3 +58,28 @@ def compare_compartments(faces: FaceTable, pred: np.ndarray, truth: np.ndarray,
         sealed[name] = s
     out["sealed_status_mismatch_tets"] = int(np.sum(sealed["pred"] != sealed["true"]))
     return out
+
+
+def face_sides(faces: FaceTable, pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Where a predicted barrier set lies relative to the true one: how many predicted faces
+    are true faces ("on"), lie inside a region the truth encloses ("inside": both tets, or the
+    one tet of an outer face, outside the largest truth region) or in the background, the
+    largest region the true faces leave ("outside"). A reconstruction one layer of faces too
+    large is all "outside", one too small all "inside"."""
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    for name, mask in (("pred", pred), ("truth", truth)):
+        if mask.shape != (faces.num_faces,):
+            raise ValueError(f"{name} must have shape ({faces.num_faces},), got {mask.shape}")
+    cells = faces.cells
+    nt = faces.tet_faces.shape[0]
+    joined = (cells[:, 1] >= 0) & ~truth
+    graph = coo_matrix((np.ones(int(joined.sum())), (cells[joined, 0], cells[joined, 1])),
+                       shape=(nt, nt))
+    _, label = connected_components(graph, directed=False)
+    background = label == np.bincount(label).argmax()
+    other = np.where(cells[:, 1] >= 0, cells[:, 1], cells[:, 0])
+    in_background = background[cells[:, 0]] & background[other]
+    off = pred & ~truth
+    return {"on": int(np.sum(pred & truth)), "inside": int(np.sum(off & ~in_background)),
+            "outside": int(np.sum(off & in_background))}
