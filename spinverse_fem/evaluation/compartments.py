@@ -24,15 +24,9 @@ def sealed_compartments(faces: FaceTable, barrier: np.ndarray,
     non-barrier outer face is open (robin outer faces); with False (neumann) every region is
     sealed.
     """
-    barrier = np.asarray(barrier, dtype=bool)
-    if barrier.shape != (faces.num_faces,):
-        raise ValueError(f"barrier must have shape ({faces.num_faces},), got {barrier.shape}")
+    barrier = _mask(faces, barrier, "barrier")
     cells = faces.cells
-    nt = faces.tet_faces.shape[0]
-    joined = (cells[:, 1] >= 0) & ~barrier
-    graph = coo_matrix((np.ones(int(joined.sum())), (cells[joined, 0], cells[joined, 1])),
-                       shape=(nt, nt))
-    _, label = connected_components(graph, directed=False)
+    label = _regions(faces, barrier)
     is_open = np.zeros(label.max() + 1, dtype=bool)
     if outer_drains:
         draining = (cells[:, 1] < 0) & ~barrier
@@ -66,20 +60,30 @@ def face_sides(faces: FaceTable, pred: np.ndarray, truth: np.ndarray) -> dict:
     one tet of an outer face, outside the largest truth region) or in the background, the
     largest region the true faces leave ("outside"). A reconstruction one layer of faces too
     large is all "outside", one too small all "inside"."""
-    pred = np.asarray(pred, dtype=bool)
-    truth = np.asarray(truth, dtype=bool)
-    for name, mask in (("pred", pred), ("truth", truth)):
-        if mask.shape != (faces.num_faces,):
-            raise ValueError(f"{name} must have shape ({faces.num_faces},), got {mask.shape}")
+    pred = _mask(faces, pred, "pred")
+    truth = _mask(faces, truth, "truth")
     cells = faces.cells
-    nt = faces.tet_faces.shape[0]
-    joined = (cells[:, 1] >= 0) & ~truth
-    graph = coo_matrix((np.ones(int(joined.sum())), (cells[joined, 0], cells[joined, 1])),
-                       shape=(nt, nt))
-    _, label = connected_components(graph, directed=False)
+    label = _regions(faces, truth)
     background = label == np.bincount(label).argmax()
     other = np.where(cells[:, 1] >= 0, cells[:, 1], cells[:, 0])
     in_background = background[cells[:, 0]] & background[other]
     off = pred & ~truth
     return {"on": int(np.sum(pred & truth)), "inside": int(np.sum(off & ~in_background)),
             "outside": int(np.sum(off & in_background))}
+
+
+def _mask(faces: FaceTable, mask, name: str) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (faces.num_faces,):
+        raise ValueError(f"{name} must have shape ({faces.num_faces},), got {mask.shape}")
+    return mask
+
+
+def _regions(faces: FaceTable, barrier: np.ndarray) -> np.ndarray:
+    """(T,) region label of every tet: tets joined through interior non-barrier faces."""
+    cells = faces.cells
+    nt = faces.tet_faces.shape[0]
+    joined = (cells[:, 1] >= 0) & ~barrier
+    graph = coo_matrix((np.ones(int(joined.sum())), (cells[joined, 0], cells[joined, 1])),
+                       shape=(nt, nt))
+    return connected_components(graph, directed=False)[1]
