@@ -190,13 +190,15 @@ def test_sigint_to_mpiexec_stops_both_ranks_at_one_iteration(tmp_path, sphere):
     cfg.write_text(sphere_text(10, 5))
     out, serial_out = tmp_path / "mpi", tmp_path / "serial"
     args = ["invert", "--config", cfg, "--target", sphere["signals"], "--out", out]
-    rc, stdout, stderr = interrupt(args, "it  2/20", signal.SIGINT, mpi=2, timeout=900)
-    if rc == 0 and HYDRA_CRASH in stderr + stdout:
-        # MPICH's hydra proxy sometimes dies on the forwarded Ctrl-C on a loaded machine
-        # (seen once in ~20 runs: `assert (!closed) failed`, mpiexec exits 0 and the ranks'
-        # output is lost): its bug, not ours; one more try, which must pass
-        shutil.rmtree(out, ignore_errors=True)
+    for _ in range(3):
         rc, stdout, stderr = interrupt(args, "it  2/20", signal.SIGINT, mpi=2, timeout=900)
+        if HYDRA_CRASH not in stderr + stdout:
+            break
+        # MPICH's hydra proxy sometimes dies on the forwarded Ctrl-C on a loaded machine
+        # (`assert (!closed) failed` in the proxy; seen in CI about once in 20 runs, with
+        # mpiexec exiting 0 or 255 and the ranks' output lost): its bug, not ours. Such a try
+        # says nothing about our stop; the next one is judged normally.
+        shutil.rmtree(out, ignore_errors=True)
     stage, it = assert_clean_stop(rc, stdout, stderr, 130)
     assert stage == 1 and 2 <= it < 10
     with h5py.File(out / "checkpoint.h5") as f:
