@@ -251,3 +251,20 @@ def test_robustness_weights_part_changes_only_the_manifold_weight():
                                          strict=True) if a != b]
         assert differ[1:] == [("manifold_weight = 4.0",
                                f"manifold_weight = {d['manifold_weight']!r}")], differ
+
+
+def test_robustness_forgetting_table_reads_each_stage_end_and_the_run_end():
+    """Reference: a hand-made run of three one-sequence stages whose history ends stage 0 at
+    J = 0.1 (CD-L2 8), stage 1 at J = 0.02 (CD-L2 5), stage 2 at J = 0.01 (CD-L2 4), and final
+    per-sequence misfits 30 / 4 / 0.01: the table shows each pair and the CD-L2 after each
+    stage, and the median ratio over the two earlier sequences is (300 + 200) / 2 = 250."""
+    run = dict(shape="s", part="shapes", snr=None,
+               stages=[["10/60"], ["10/20"], ["5/6"]],
+               history=dict(stage=[0, 0, 1, 1, 2, 2], misfit=[5.0, 0.1, 3.0, 0.02, 1.0, 0.01],
+                            cd_l2=[9.0, 8.0, 7.0, 5.0, 4.5, 4.0]),
+               misfit_per_sequence={"5/6": 0.01, "10/20": 4.0, "10/60": 30.0})
+    noisy = dict(run, snr=50.0)
+    text = "\n".join(robustness.forgetting_section([run, noisy]))
+    assert "| s | shapes | 0.1 -> 30 | 0.02 -> 4 | 0.01 -> 0.01 | 8 / 5 / 4 |" in text, text
+    assert "end 250x (median over 2)" in text, text
+    assert robustness.forgetting_section([noisy]) == []
