@@ -6,7 +6,7 @@ sequences, long_to_short, Adam, manifold weight 4) with its [geometry] replaced;
 per run, each saved as OUT/robustness/<part>__<label>.json and reused when its configuration
 and settings are unchanged (rerun the same command after a kill).
 
-Parts (--parts, default all four):
+Parts (--parts, default the first four):
   smooth  sphere, torus, cylinder (our analytic shapes, the paper's sizes) and two generated
           bent axons: targets simulated on the grid refined --refine times (default 3; the
           membrane re-resolved on the shape's true surface there, no inverse crime), noiseless;
@@ -17,6 +17,12 @@ Parts (--parts, default all four):
   shapes  the paper's 20 ground truths, noiseless and at SNR 50 (seed 0), plain misfit.
   weights the torus-tuned manifold weight (4) re-checked on every 4th paper ground truth
           (5 shapes, noiseless) at --manifold-weights (default 2, the paper's, and 8).
+  joint   a probe of a method change: the default three stages, then a fourth that fits all
+          three sequences jointly with manifold weight 8 (the earlier stages' ramp kept as in
+          the default), on every 4th paper ground truth (noiseless) and the two smooth bent
+          axons. Not in the default --parts.
+
+--match REGEX keeps only the runs whose label matches (e.g. --match 'joint__(000|gen_axon)').
 
     python -m experiments.robustness --parts noise --snr 50 --seeds 0     # one condition
     mpiexec -n 2 python -m experiments.robustness                          # everything
@@ -61,7 +67,9 @@ from experiments.common import (  # noqa: E402
     say,
 )
 
-PARTS = ("smooth", "noise", "shapes", "weights")
+PARTS = ("smooth", "noise", "shapes", "weights", "joint")
+DEFAULT_PARTS = PARTS[:4]
+JOINT_MANIFOLD_WEIGHT = 8.0
 DEFAULT_MANIFOLD_WEIGHT = 4.0          # examples/paper_torus.toml
 SMOOTH = ("gen_sphere", "gen_torus", "gen_cylinder", "gen_axon_s00", "gen_axon_s01")
 MISFITS = ("plain", "rician")
@@ -122,7 +130,38 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20,
                     raise RuntimeError("the default example has no single manifold_weight line")
                 out.append((label, text, dict(part="weights", shape=gt.name, snr=None, seed=0,
                                               misfit="plain", manifold_weight=w)))
+    if "joint" in parts:
+        gen = generated_ground_truths()
+        cases = [(gt, None) for gt in paper_ground_truths()[:meshes][::4]]
+        cases += [(find(gen, key), refine) for key in SMOOTH if key.startswith("gen_axon")]
+        for gt, ref in cases:
+            label = f"joint__{gt.name}"
+            text = joint_stage_config(config_text(
+                gt.geometry_toml, settings, f"experiments/robustness.py: {label}", refine=ref))
+            out.append((label, text, dict(part="joint", shape=gt.name, snr=None, seed=0,
+                                          misfit="plain", refine=ref)))
     return out
+
+
+def joint_stage_config(text: str) -> str:
+    """The default configuration with a fourth, joint stage: curriculum "custom" with the three
+    long_to_short stages (10/60, 10/20, 5/6 ms), then all three sequences together.
+
+    The manifold weight ramps linearly over the whole run to the current stage's weight, so
+    four stages of N iterations stretch the ramp to 4N: the first three stages get weight
+    4 * 4/3 so that their ramp is the default's (4 t / 3N); the joint stage ramps on to
+    JOINT_MANIFOLD_WEIGHT (from 3/4 of it at its start)."""
+    text, n = re.subn(r'(?m)^curriculum = .*$', 'curriculum = "custom"', text)
+    weight = re.findall(r"(?m)^manifold_weight = (.*)$", text)
+    if n != 1 or len(weight) != 1:
+        raise RuntimeError("the default example has no single curriculum / manifold_weight line")
+    early = float(weight[0]) * 4.0 / 3.0
+    stages = "".join(
+        f'[[inversion.stage]]\nsequences = {names}\nmanifold_weight = {w!r}\n\n'
+        for names, w in (('["10/60"]', early), ('["10/20"]', early), ('["5/6"]', early),
+                         ('["10/60", "10/20", "5/6"]', JOINT_MANIFOLD_WEIGHT)))
+    head, sep, target = text.partition("\n[target]\n")
+    return head.rstrip("\n") + "\n\n" + stages.rstrip("\n") + "\n" + sep + target
 
 
 def surfaces(r: dict, spacing_um: float = 1.0):
@@ -301,6 +340,51 @@ def weights_section(saved: list[dict]) -> list[str]:
                                         for w in weights], rows), ""]
 
 
+def joint_section(saved: list[dict]) -> list[str]:
+    """Markdown lines: the joint-fourth-stage probe against the default run of the same shape
+    (the noiseless `shapes` run, or the `smooth` run for a smooth truth)."""
+    probe = [r for r in saved if r["part"] == "joint"]
+    if not probe:
+        return []
+    base = {r["shape"]: r for r in saved if r["snr"] is None and r["part"] in ("shapes",
+                                                                                "smooth")}
+
+    def score(r):
+        m = r["metrics"]
+        return f"{fmt(m['cd_l2'])} / {m['bad_edge_pct']:.1f}"
+
+    rows, pairs = [], []
+    for r in probe:
+        b = base.get(r["shape"])
+        h = r.get("history") or {}
+        stage = np.asarray(h.get("stage", []))
+        at = np.flatnonzero(stage == 2)
+        third = (f"{h['cd_l2'][at[-1]]:.3g} / {h['bad_edge_pct'][at[-1]]:.1f}"
+                 if at.size else "-")
+        rows.append([r["shape"], score(b) if b else "...", third, score(r),
+                     f"{fmt(b.get('cd_l2_analytic'))} -> {fmt(r.get('cd_l2_analytic'))}"
+                     if b and r.get("cd_l2_analytic") is not None else "-",
+                     ", ".join(f"{k} {v:.2g}" for k, v in r["misfit_per_sequence"].items()),
+                     fmt_seconds(r["seconds"])])
+        if b:
+            pairs.append((b["metrics"]["cd_l2"], r["metrics"]["cd_l2"],
+                          b["metrics"]["bad_edge_pct"], r["metrics"]["bad_edge_pct"]))
+    text = ["## Probe: a joint fourth stage (all three sequences, manifold weight "
+            f"{JOINT_MANIFOLD_WEIGHT:g})\n",
+            "CD-L2 (um^2) / BadEdge % against the grid's truth: the default run, this run "
+            "after its first three stages (the default's stages, ramp unchanged), and at its "
+            "end; for smooth truths also CD-L2 to the analytic surface (default -> joint).\n",
+            markdown_table(["shape", "default", "after 3 stages", "joint 4th stage",
+                            "CD-L2 to the analytic surface", "final misfit per sequence",
+                            "wall"], rows), ""]
+    if pairs:
+        v = np.array(pairs)
+        text += [f"Means over {len(v)} shapes: default {v[:, 0].mean():.3g} / "
+                 f"{v[:, 2].mean():.3g} %, joint fourth stage {v[:, 1].mean():.3g} / "
+                 f"{v[:, 3].mean():.3g} %.", ""]
+    return text
+
+
 def forgetting_section(saved: list[dict]) -> list[str]:
     """Markdown lines: for every noiseless run, each sequence's misfit at the end of its own
     stage and at the end of the run. On same-grid targets the truth fits every sequence
@@ -414,6 +498,7 @@ def report(out: Path) -> None:
                                 summary), ""]
     text += weights_section(saved)
     text += forgetting_section(saved)
+    text += joint_section(saved)
     text += targets_section(saved)
     atomic_write_text(out / "robustness.md", "\n".join(text) + "\n")
     # a few reconstructions to look at: the smooth truths, one noisy torus per SNR, and the
@@ -460,7 +545,9 @@ def report(out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS)
+    p.add_argument("--match", default=None, metavar="REGEX",
+                   help="only the runs whose label matches REGEX (re.search)")
     p.add_argument("--snr", type=float, nargs="+", default=[100.0, 50.0, 20.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--refine", type=int, default=3)
@@ -489,7 +576,10 @@ def main(argv=None) -> int:
                         reference_max_modes=a.reference_max_modes, directions=a.directions)
     folder = a.out / "robustness"
     selected = runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes,
-                    a.manifold_weights)[shard::shards]
+                    a.manifold_weights)
+    if a.match is not None:
+        selected = [run for run in selected if re.search(a.match, run[0])]
+    selected = selected[shard::shards]
     for label, text, desc in selected:
         say(comm, f"== {label}")
         res = cached_run(comm, folder / f"{label}.json", text, settings, label,

@@ -268,3 +268,28 @@ def test_robustness_forgetting_table_reads_each_stage_end_and_the_run_end():
     assert "| s | shapes | 0.1 -> 30 | 0.02 -> 4 | 0.01 -> 0.01 | 8 / 5 / 4 |" in text, text
     assert "end 250x (median over 2)" in text, text
     assert robustness.forgetting_section([noisy]) == []
+
+
+def test_robustness_joint_probe_keeps_the_default_stages_and_ramp():
+    """Reference: the default example's long_to_short stages (10/60, 10/20, 5/6 ms) and its
+    manifold ramp 4 t / 600 over three 200-iteration stages: the probe's configuration has the
+    same three stages with the same ramp for t < 600 (to round-off), then all three sequences
+    jointly, ramping on to 8 (6 at its start)."""
+    from experiments.common import Settings, runnable_config
+    from spinverse_fem.config import parse_config
+
+    runs = robustness.runs(["joint"], Settings(), [], [], 3, meshes=8)
+    assert [d["shape"] for _, _, d in runs][:2] == [d["shape"] for _, _, d in robustness.runs(
+        ["shapes"], Settings(), [], [], 3, meshes=8)][:8:4]
+    for _, text, d in runs:
+        cfg = parse_config(runnable_config(text), source="probe")
+        names = [[cfg.sequences[i].name for i in s.sequences] for s in cfg.inversion.custom_stages]
+        assert names == [["10/60"], ["10/20"], ["5/6"], ["10/60", "10/20", "5/6"]]
+        stages = cfg.inversion.custom_stages
+        total = sum(s.iterations for s in stages)
+        for t in (1, 150, 599):
+            w = stages[t // 200].manifold_weight * t / total
+            assert abs(w - 4.0 * t / 600) < 1e-12
+        assert stages[3].manifold_weight * 600 / total == 6.0
+        assert (cfg.target is not None and cfg.target.grid_refinement == 3) == (
+            d["refine"] == 3)
