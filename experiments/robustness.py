@@ -429,9 +429,9 @@ def forgetting_section(saved: list[dict]) -> list[str]:
             "sequence alone, improve the layout only partly; (2) part of the long-sequence "
             "misfit is the barrier's permeability, not its place (docs/curriculum.md: the "
             "paper sphere ends on exactly its true faces with membrane kappa 0.025 instead "
-            "of 0.01 um/ms). A final "
-            "stage that fits every sequence jointly is the change these numbers point to; "
-            "it is not yet measured over the 20 shapes (experiments/README.md).\n",
+            "of 0.01 um/ms). Whether a final "
+            "stage that fits every sequence jointly also fixes the layout is what the `joint` "
+            "part measures (its section below, where run).\n",
             markdown_table(["shape", "part", *names,
                             "CD-L2 after each stage (um^2)"], rows), ""]
 
