@@ -301,8 +301,8 @@ def _misfit_value(signals, targets, weight: float) -> float:
 
 def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> dict:
     """Simulate the targets of the configured ground truth (on the grid refined by [target]
-    grid_refinement when set, with [target] noise_snr Rician noise) and invert them (all
-    ranks).
+    grid_refinement when set, with [target] noise_snr Rician noise), or read them from the
+    [target] file when one is named, and invert them (all ranks).
 
     Returns (identical on every rank) a JSON-able dict: label, settings, config, final metrics
     of the interface at the final kappa (cd_l2, bad_edge_pct, open_pct, branch_pct, iou,
@@ -328,15 +328,21 @@ def run_case(comm, cfg_text: str, settings: Settings, label: str, log=None) -> d
     ref_cfg = replace(cfg, eigen=replace(cfg.eigen, max_modes=settings.reference_max_modes))
     # a [target] grid_refinement simulates the targets on a finer grid (no inverse crime)
     refine = cfg.target.grid_refinement if cfg.target and cfg.target.grid_refinement else 1
-    log(f"  simulating the targets on the grid refined {refine}x (up to "
-        f"{settings.reference_max_modes} modes) ...")
-    # and a [target] noise_snr adds Rician noise (seeded) to them
-    snr = cfg.target.noise_snr if cfg.target else None
-    targets, s0, ref_phantom = simulate_targets(comm, ref_cfg, refine, snr,
-                                                cfg.target.seed if cfg.target else 0)
-    log(f"  targets done ({ref_phantom.grid.num_tets} tets) after "
-        f"{time.perf_counter() - t0:.0f} s; inverting")
-    case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))
+    if cfg.target and cfg.target.file:
+        # a [target] file (e.g. signals simulated on a conforming mesh) is read as it is
+        case = Case(comm, cfg)
+        targets = case.targets.signals
+        log(f"  targets read from {cfg.target.file}; inverting")
+    else:
+        log(f"  simulating the targets on the grid refined {refine}x (up to "
+            f"{settings.reference_max_modes} modes) ...")
+        # and a [target] noise_snr adds Rician noise (seeded) to them
+        snr = cfg.target.noise_snr if cfg.target else None
+        targets, s0, ref_phantom = simulate_targets(comm, ref_cfg, refine, snr,
+                                                    cfg.target.seed if cfg.target else 0)
+        log(f"  targets done ({ref_phantom.grid.num_tets} tets) after "
+            f"{time.perf_counter() - t0:.0f} s; inverting")
+        case = Case(comm, cfg, targets=Targets(targets, s0, f"simulated ({label})"))
     problem = case.phantom
     threshold = cfg.inversion.threshold_um_per_ms
 

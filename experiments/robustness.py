@@ -17,6 +17,14 @@ Parts (--parts, default the first four):
   shapes  the paper's 20 ground truths, noiseless and at SNR 50 (seed 0), plain misfit.
   weights the torus-tuned manifold weight (4) re-checked on every 4th paper ground truth
           (5 shapes, noiseless) at --manifold-weights (default 2, the paper's, and 8).
+  conforming
+          the sphere and the cylinder (the paper's sizes) with targets simulated on conforming
+          gmsh meshes of the paper grid's domain (meshes/conforming.py --bcc; edge length
+          CONFORMING_SIZE_UM at the membrane and away from it; the membrane is the true surface
+          up to its triangulation, not a staircase of any grid): `spinverse simulate` on a
+          file-grid configuration written next to the mesh, then the inversion reads that
+          signal table as its [target] file. Needs gmsh (pip install gmsh); the mesh, the
+          configuration and the table are written under OUT/robustness/conforming/.
   joint   a probe of a method change: the default three stages, then a fourth that fits all
           three sequences jointly with manifold weight 8 (the earlier stages' ramp kept as in
           the default), on every 4th paper ground truth (noiseless) and the two smooth bent
@@ -52,6 +60,7 @@ if not __package__:  # run as a file: experiments.* is importable only when run 
 
 from experiments.common import (  # noqa: E402
     RESULTS,
+    ROOT,
     Settings,
     atomic_write_text,
     cached_run,
@@ -64,30 +73,39 @@ from experiments.common import (  # noqa: E402
     pyplot,
     runnable_config,
     save_figure,
+    saved_run,
     say,
+    toml_string,
 )
 
-PARTS = ("smooth", "noise", "shapes", "weights", "joint")
-DEFAULT_PARTS = PARTS[:4]
+PARTS = ("smooth", "noise", "shapes", "weights", "conforming", "joint")
+DEFAULT_PARTS = PARTS[:5]
 JOINT_MANIFOLD_WEIGHT = 8.0
 DEFAULT_MANIFOLD_WEIGHT = 4.0          # examples/paper_torus.toml
 SMOOTH = ("gen_sphere", "gen_torus", "gen_cylinder", "gen_axon_s00", "gen_axon_s01")
 MISFITS = ("plain", "rician")
+CONFORMING = ("gen_sphere", "gen_cylinder")
+CONFORMING_SIZE_UM = (1.0, 2.5)        # gmsh edge length at the membrane / away from it
+CONFORMING_MEMBRANE_TAG = 101          # meshes/conforming.py: the interface of layer 1
 
 
 def config_text(geometry_toml: str, settings: Settings, header: str, *,
                 refine: int | None = None, snr: float | None = None, seed: int = 0,
-                misfit: str = "plain") -> str:
+                misfit: str = "plain", target_file: str | None = None) -> str:
     target = ((f"grid_refinement = {refine}\n" if refine else "")
-              + (f"noise_snr = {snr!r}\nseed = {seed}\n" if snr else ""))
+              + (f"noise_snr = {snr!r}\nseed = {seed}\n" if snr else "")
+              + (f"file = {toml_string(target_file)}\n" if target_file else ""))
     extra = f"noise_snr = {snr!r}\n" if misfit == "rician" else ""
     return default_config_text(geometry_toml, settings, header, inversion_lines=extra,
                                target_lines=target)
 
 
 def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20,
-         manifold_weights=(2.0, 8.0)) -> list[tuple[str, str, dict]]:
-    """[(label, config text, description)] of the selected runs, in running order."""
+         manifold_weights=(2.0, 8.0), conforming_dir: Path = RESULTS / "robustness" /
+         "conforming") -> list[tuple[str, str, dict]]:
+    """[(label, config text, description)] of the selected runs, in running order;
+    conforming_dir: where the conforming part's meshes and targets are (see
+    conforming_paths)."""
     from experiments.dataset import find, generated_ground_truths, paper_ground_truths
 
     out = []
@@ -130,6 +148,17 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20,
                     raise RuntimeError("the default example has no single manifold_weight line")
                 out.append((label, text, dict(part="weights", shape=gt.name, snr=None, seed=0,
                                               misfit="plain", manifold_weight=w)))
+    if "conforming" in parts:
+        gen = generated_ground_truths()
+        for key in CONFORMING:
+            gt = find(gen, key)
+            label = f"conforming__{key}"
+            out.append((label, config_text(
+                gt.geometry_toml, settings, f"experiments/robustness.py: {key}, targets "
+                f"on a conforming mesh (h {CONFORMING_SIZE_UM[0]:g} / "
+                f"{CONFORMING_SIZE_UM[1]:g} um, up to {settings.reference_max_modes} modes)",
+                target_file=_from_root(conforming_paths(conforming_dir, key)[2])),
+                dict(part="conforming", shape=key, snr=None, seed=None, misfit="plain")))
     if "joint" in parts:
         gen = generated_ground_truths()
         cases = [(gt, None) for gt in paper_ground_truths()[:meshes][::4]]
@@ -141,6 +170,84 @@ def runs(parts, settings: Settings, snrs, seeds, refine: int, meshes: int = 20,
             out.append((label, text, dict(part="joint", shape=gt.name, snr=None, seed=0,
                                           misfit="plain", refine=ref)))
     return out
+
+
+def _from_root(path: Path) -> str:
+    """`path` relative to the repository root when it lies inside (the experiments run from
+    there; saved configurations then stay valid in another checkout), else absolute."""
+    path = Path(path).resolve()
+    return (path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).as_posix()
+
+
+def conforming_paths(folder: Path, key: str) -> tuple[Path, Path, Path]:
+    """(mesh, simulation config, signal table) of the conforming target of `key`; the mesh
+    sizes are in the names, so that other sizes make other files."""
+    stem = f"{key.removeprefix('gen_')}_h{CONFORMING_SIZE_UM[0]:g}-{CONFORMING_SIZE_UM[1]:g}"
+    return folder / f"{stem}.msh", folder / f"{stem}.toml", folder / f"{stem}.h5"
+
+
+def conforming_reference_text(inversion_text: str, mesh: Path, settings: Settings) -> str:
+    """The configuration that simulates the conforming target: the inversion's (same
+    sequences, physics and permeabilities) on the file grid `mesh`, whose interface tag is the
+    membrane, with the reference mode cap."""
+    from spinverse_fem.config import parse_config
+
+    cfg = parse_config(runnable_config(inversion_text), source="<conforming>")
+    perm = cfg.permeability
+    text = re.sub(r"(?ms)^\[target\]\n.*\Z", "", inversion_text).rstrip("\n") + "\n"
+    text = re.sub(r"\A# experiments/robustness.py: .*\n", "", text)  # the inversion's header
+    tables = {
+        # relative to the configuration's folder, which holds the mesh
+        "grid": f'[grid]\nkind = "file"\npath = {toml_string(mesh.name)}\nunit_um = 1.0\n',
+        "geometry": '[geometry]\nkind = "file_tags"\n',
+        "permeability": f"[permeability]\nopen_um_per_ms = {perm.open_um_per_ms!r}\n"
+                        f'outer = "{perm.outer}"\n\n[[membrane]]\nname = "shape surface"\n'
+                        f"tag = {CONFORMING_MEMBRANE_TAG}\n"
+                        f"kappa_um_per_ms = {perm.barrier_um_per_ms!r}\n",
+    }
+    for name, table in tables.items():
+        text, n = re.subn(rf"(?ms)^\[{name}\]\n.*?(?=^\[)", table + "\n", text, count=1)
+        if n != 1:
+            raise RuntimeError(f"the inversion configuration has no [{name}] table")
+    text = re.sub(r"(?m)^max_modes = .*$", f"max_modes = {settings.reference_max_modes}", text,
+                  count=1)
+    return ("# experiments/robustness.py: the conforming target's simulation "
+            "(spinverse simulate THIS --out TABLE)\n" + text)
+
+
+def make_conforming_target(comm, key: str, inversion_text: str, settings: Settings,
+                           folder: Path) -> Path:
+    """Mesh (rank 0, gmsh), configuration and signal table of the conforming target of `key`
+    (each made only if missing); returns the table's path."""
+    from experiments.dataset import find, generated_ground_truths
+    from spinverse_fem.cli.app import main as spinverse
+    from spinverse_fem.meshes.conforming import build
+    from spinverse_fem.meshes.paper import paper_shape
+
+    mesh, cfg_path, table = conforming_paths(folder, key)
+    if comm.rank == 0:
+        gt = find(generated_ground_truths(), key)
+        shape = paper_shape(gt.family)
+        if any(abs(c) > 1e-12 for c in shape.center_um) or (
+                getattr(shape, "axis", (0.0, 0.0, 1.0)) != (0.0, 0.0, 1.0)):
+            raise RuntimeError(f"{key}: meshes/conforming.py builds shapes at the origin "
+                               f"along z, not {shape}")
+        if not mesh.exists():
+            from spinverse_fem.config import parse_config
+
+            grid = parse_config(runnable_config(inversion_text), source="<conforming>").grid
+            counts = build(gt.family, [shape.radius_um], CONFORMING_SIZE_UM[0], mesh,
+                           height_um=getattr(shape, "height_um", None),
+                           bcc=(grid.cubes, grid.cube_um), size_far_um=CONFORMING_SIZE_UM[1])
+            say(comm, f"  wrote {mesh}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        atomic_write_text(cfg_path, conforming_reference_text(inversion_text, mesh, settings))
+    comm.Barrier()
+    if not table.exists():
+        say(comm, f"  simulating the conforming target: spinverse simulate {cfg_path} "
+                  f"--out {table}")
+        if spinverse(["simulate", str(cfg_path), "--out", str(table)]) != 0:
+            raise RuntimeError(f"spinverse simulate {cfg_path} failed")
+    return table
 
 
 def joint_stage_config(text: str) -> str:
@@ -479,6 +586,9 @@ def report(out: Path) -> None:
             "staircase truth are scored, so that the two can be compared: on the n = 4 grid "
             "the staircase of a smooth shape is itself tens of um^2 from the surface.\n"]
     for part, title in (("smooth", "Smooth truths (targets on a refined grid, noiseless)"),
+                        ("conforming", "Smooth truths on conforming meshes (targets simulated "
+                                       "on a gmsh mesh of the paper grid's domain whose "
+                                       "membrane is the shape's surface, noiseless)"),
                         ("noise", "Rician noise, the default torus"),
                         ("shapes", "All 20 paper ground truths")):
         rs = [r for r in saved if r["part"] == part]
@@ -503,7 +613,7 @@ def report(out: Path) -> None:
     atomic_write_text(out / "robustness.md", "\n".join(text) + "\n")
     # a few reconstructions to look at: the smooth truths, one noisy torus per SNR, and the
     # best and the worst of the noiseless paper shapes
-    shown = [r for r in saved if r["part"] == "smooth"]
+    shown = [r for r in saved if r["part"] in ("smooth", "conforming")]
     shown += list({r["snr"]: r for r in saved if r["part"] == "noise"
                    and r["misfit"] == "plain" and r["seed"] == 0}.values())[:3]
     clean = sorted((r for r in saved if r["part"] == "shapes" and r["snr"] is None),
@@ -576,12 +686,18 @@ def main(argv=None) -> int:
                         reference_max_modes=a.reference_max_modes, directions=a.directions)
     folder = a.out / "robustness"
     selected = runs(a.parts, settings, a.snr, a.seeds, a.refine, a.meshes,
-                    a.manifold_weights)
+                    a.manifold_weights, conforming_dir=folder / "conforming")
     if a.match is not None:
         selected = [run for run in selected if re.search(a.match, run[0])]
     selected = selected[shard::shards]
     for label, text, desc in selected:
         say(comm, f"== {label}")
+        if desc["part"] == "conforming":
+            saved = (saved_run(folder / f"{label}.json", text, settings, quiet=True)
+                     if comm.rank == 0 else None)
+            if comm.bcast(saved is None, root=0):
+                make_conforming_target(comm, desc["shape"], text, settings,
+                                       folder / "conforming")
         res = cached_run(comm, folder / f"{label}.json", text, settings, label,
                          log=iteration_logger(comm, a.log_every))
         if comm.rank == 0:
