@@ -293,3 +293,59 @@ def test_robustness_joint_probe_keeps_the_default_stages_and_ramp():
         assert stages[3].manifold_weight * 600 / total == 6.0
         assert (cfg.target is not None and cfg.target.grid_refinement == 3) == (
             d["refine"] == 3)
+
+
+def test_robustness_conforming_target_is_read_from_its_table(comm, out):
+    """The conforming part's plumbing on a small case (the shipped sphere of radius 3 um in the
+    domain of a 2 x 2 x 2 bcc grid of 8 um cubes, so no gmsh is needed): the simulation
+    configuration is the inversion's on the file grid with the interface as membrane; the
+    inversion reads that signal table as its [target] (reference: the table read by
+    io.targets, and the same-grid targets it must differ from: no inverse crime)."""
+    import shutil
+
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.forward.synthetic import simulate_targets
+    from spinverse_fem.geometry.phantom import build_phantom
+    from spinverse_fem.io.targets import load_targets
+
+    settings = common.Settings(iterations=1, max_modes=20, reference_max_modes=40,
+                               directions=2)
+    folder = out / "conforming"
+    mesh, cfg_path, table = robustness.conforming_paths(folder, "gen_sphere")
+    if comm.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "meshes" / "data" / "sphere_in_bcc2.msh", mesh)
+    comm.Barrier()
+    # the scoring truth only: no face set of this 96-tet grid lies on the 3 um sphere
+    geometry = '[geometry]\nkind = "sphere"\ncenter_um = [0.0, 0.0, 0.0]\nradius_um = 12.0\n'
+    text = robustness.config_text(geometry, settings, "test", target_file=str(table))
+    text = re.sub(r"(?m)^cubes = .*$", "cubes = 2", text)
+    text = re.sub(r"(?m)^cube_um = .*$", "cube_um = 8.0", text)
+    assert robustness.make_conforming_target(comm, "gen_sphere", text, settings,
+                                             folder) == table
+    ref = parse_config(cfg_path.read_text(), source=str(cfg_path))
+    inv = parse_config(text, source="<inversion>")
+    assert ref.grid.kind == "file" and ref.eigen.max_modes == 40
+    assert [s.name for s in ref.sequences] == [s.name for s in inv.sequences]
+    ph = build_phantom(ref)
+    assert int(ph.membrane.sum()) == 276                # gmsh's count of surface 101
+    assert ph.outer == "robin" and np.all(ph.kappa[~ph.membrane] == 100.0)
+
+    res = common.run_case(comm, text, settings, "conforming test")
+    assert np.isfinite(res["metrics"]["cd_l2"])
+    read, _ = load_targets(table, inv)
+    same_grid, _, _ = simulate_targets(comm, inv)
+    w = inv.inversion.misfit_weight
+    for name, tgt, grid_tgt in zip([s.name for s in inv.sequences], read, same_grid,
+                                   strict=True):
+        assert np.max(np.abs(tgt - grid_tgt)) > 1e-3     # the staircase differs
+        # the run's final misfit is against the table it read
+        assert res["misfit_per_sequence"][name] >= 0.0
+    final = 10.0 ** np.asarray(res["final_log10_kappa"])
+    from spinverse_fem.inverse.case import Case
+
+    case = Case(comm, inv)
+    mis = case.misfit([0, 1, 2], num_modes=res["modes"][-1])
+    sig = mis.signals(final)
+    expect = w * np.mean(np.abs(sig[0] - read[0]) ** 2)
+    assert res["misfit_per_sequence"][inv.sequences[0].name] == pytest.approx(expect, rel=1e-8)
