@@ -87,6 +87,7 @@ MISFITS = ("plain", "rician")
 CONFORMING = ("gen_sphere", "gen_cylinder")
 CONFORMING_SIZE_UM = (1.0, 2.5)        # gmsh edge length at the membrane / away from it
 CONFORMING_MEMBRANE_TAG = 101          # meshes/conforming.py: the interface of layer 1
+OUTER_TAG = 200                        # meshes/conforming.py: 200 + i = layer i clipped
 
 
 def config_text(geometry_toml: str, settings: Settings, header: str, *,
@@ -186,10 +187,14 @@ def conforming_paths(folder: Path, key: str) -> tuple[Path, Path, Path]:
     return folder / f"{stem}.msh", folder / f"{stem}.toml", folder / f"{stem}.h5"
 
 
-def conforming_reference_text(inversion_text: str, mesh: Path, settings: Settings) -> str:
+def conforming_reference_text(inversion_text: str, mesh: Path, settings: Settings,
+                              closure_tags=()) -> str:
     """The configuration that simulates the conforming target: the inversion's (same
     sequences, physics and permeabilities) on the file grid `mesh`, whose interface tag is the
-    membrane, with the reference mode cap."""
+    membrane, with the reference mode cap. closure_tags: surface tags of the shape's share of
+    the outer boundary (meshes/conforming.py: 201 where the domain clips the shape), members
+    of the membrane too, as in the paper's ground truths (a shape leaving the box is closed by
+    the outer faces it reaches)."""
     from spinverse_fem.config import parse_config
 
     cfg = parse_config(runnable_config(inversion_text), source="<conforming>")
@@ -203,7 +208,10 @@ def conforming_reference_text(inversion_text: str, mesh: Path, settings: Setting
         "permeability": f"[permeability]\nopen_um_per_ms = {perm.open_um_per_ms!r}\n"
                         f'outer = "{perm.outer}"\n\n[[membrane]]\nname = "shape surface"\n'
                         f"tag = {CONFORMING_MEMBRANE_TAG}\n"
-                        f"kappa_um_per_ms = {perm.barrier_um_per_ms!r}\n",
+                        f"kappa_um_per_ms = {perm.barrier_um_per_ms!r}\n"
+                        + "".join(f'\n[[membrane]]\nname = "shape end on the boundary"\n'
+                                  f"tag = {tag}\nkappa_um_per_ms = "
+                                  f"{perm.barrier_um_per_ms!r}\n" for tag in closure_tags),
     }
     for name, table in tables.items():
         text, n = re.subn(rf"(?ms)^\[{name}\]\n.*?(?=^\[)", table + "\n", text, count=1)
@@ -240,7 +248,16 @@ def make_conforming_target(comm, key: str, inversion_text: str, settings: Settin
                            height_um=getattr(shape, "height_um", None),
                            bcc=(grid.cubes, grid.cube_um), size_far_um=CONFORMING_SIZE_UM[1])
             say(comm, f"  wrote {mesh}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-        atomic_write_text(cfg_path, conforming_reference_text(inversion_text, mesh, settings))
+        import meshio
+
+        m = meshio.read(mesh)
+        tags = set()
+        for block, tag in zip(m.cells, m.cell_data["gmsh:physical"], strict=True):
+            if block.type == "triangle":
+                tags |= {int(t) for t in np.unique(tag)}
+        closure = sorted(t for t in tags if t > OUTER_TAG)
+        atomic_write_text(cfg_path, conforming_reference_text(inversion_text, mesh, settings,
+                                                              closure))
     comm.Barrier()
     if not table.exists():
         say(comm, f"  simulating the conforming target: spinverse simulate {cfg_path} "

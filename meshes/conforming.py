@@ -11,6 +11,9 @@ tag, docs/compartments.md):
     surface 100 + i    the interface between layer i and layer i + 1, or between layer L and
                        the box ("interface<i>")
     surface 200        the outer boundary of the domain ("outer")
+    surface 200 + i    with --bcc, where layer i is clipped by the domain: its share of the
+                       outer boundary ("outer<i>"), so that a config can close the shape there
+                       as the paper's ground truths are closed (a [[membrane]] with that tag)
 
 Coordinates are in um, the shapes centred at the origin; a cylinder's axis is z and it spans
 the full height (its caps lie on the outer boundary), so a gradient perpendicular to z sees the
@@ -116,17 +119,21 @@ def build(kind: str, radii, size_um: float, path, *, height_um: float | None = N
             gmsh.model.addPhysicalGroup(3, [v], i, names[i - 1])
 
         interfaces: dict[int, list[int]] = {}
-        outer = []
+        outer, clipped = [], {}
         for _, s in gmsh.model.getEntities(2):
             up, _ = gmsh.model.getAdjacencies(2, s)
             layers = sorted(volume_of[v] for v in up)
-            if len(layers) == 1:
-                outer.append(s)
-            else:
+            if len(layers) == 2:
                 interfaces.setdefault(layers[0], []).append(s)
+            elif bcc is not None and layers[0] <= len(radii):
+                clipped.setdefault(layers[0], []).append(s)
+            else:
+                outer.append(s)
         for i, surfaces in sorted(interfaces.items()):
             gmsh.model.addPhysicalGroup(2, surfaces, INTERFACE_TAG_BASE + i, f"interface{i}")
         gmsh.model.addPhysicalGroup(2, outer, OUTER_TAG, "outer")
+        for i, surfaces in sorted(clipped.items()):
+            gmsh.model.addPhysicalGroup(2, surfaces, OUTER_TAG + i, f"outer{i}")
 
         if size_far_um is None or size_far_um == size_um:
             gmsh.option.setNumber("Mesh.MeshSizeMax", float(size_um))

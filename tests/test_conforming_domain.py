@@ -74,8 +74,20 @@ def test_domain_is_the_bcc_grid_s(name):
     tets = np.concatenate([b.data for b in m.cells if b.type == "tetra"])
     volume = tet_volumes(m.points, tets).sum()
     assert volume == pytest.approx(CUBES**2 * (CUBES - 1) * CUBE_UM**3, rel=1e-12)
-    outer = tri_areas(m.points, cells(m, "triangle", OUTER_TAG)).sum()
+    outer = sum(tri_areas(m.points, cells(m, "triangle", OUTER_TAG + i)).sum()
+                for i in (0, 1))        # 201: the clipped shape's share of the boundary
     assert outer == pytest.approx(bcc_outer_area(), rel=1e-12)
+
+
+def test_clipped_cylinder_ends_are_tagged_apart():
+    """Reference: the pyramids' faces have slope 1, so the cylinder's two clipped ends cover
+    2 sqrt(2) pi r^2 (less the polygonal rim); the sphere is not clipped and has no 201."""
+    m = meshio.read(DATA / "cylinder_in_bcc2.msh")
+    ends = cells(m, "triangle", OUTER_TAG + 1)
+    assert np.all(np.linalg.norm(m.points[ends][..., :2], axis=2) <= RADIUS_UM * (1 + 1e-9))
+    area = tri_areas(m.points, ends).sum()
+    assert area == pytest.approx(2 * np.sqrt(2) * np.pi * RADIUS_UM**2, rel=0.03)
+    assert len(cells(meshio.read(DATA / "sphere_in_bcc2.msh"), "triangle", OUTER_TAG + 1)) == 0
 
 
 @pytest.mark.parametrize("name", sorted(BUILD))

@@ -349,3 +349,26 @@ def test_robustness_conforming_target_is_read_from_its_table(comm, out):
     sig = mis.signals(final)
     expect = w * np.mean(np.abs(sig[0] - read[0]) ** 2)
     assert res["misfit_per_sequence"][inv.sequences[0].name] == pytest.approx(expect, rel=1e-8)
+
+
+def test_robustness_conforming_cylinder_is_closed_on_the_boundary(tmp_path):
+    """Reference: the paper's ground-truth convention (a shape leaving the box is closed by the
+    outer faces it reaches): the clipped cylinder's ends (surface 201 of the shipped mesh, 128
+    triangles) join its side (101, 332) in the membrane, at the barrier kappa; every other
+    outer face keeps the open (Robin) kappa."""
+    import shutil
+
+    from spinverse_fem.config import parse_config
+    from spinverse_fem.geometry.phantom import build_phantom
+
+    mesh = tmp_path / "cylinder.msh"
+    shutil.copy(ROOT / "meshes" / "data" / "cylinder_in_bcc2.msh", mesh)
+    geometry = ('[geometry]\nkind = "cylinder"\ncenter_um = [0.0, 0.0, 0.0]\n'
+                'axis = [0.0, 0.0, 1.0]\nradius_um = 3.0\nheight_um = 20.0\n')
+    text = robustness.config_text(geometry, common.Settings(), "test")
+    ref = robustness.conforming_reference_text(text, mesh, common.Settings(), [201])
+    (tmp_path / "ref.toml").write_text(ref)
+    ph = build_phantom(parse_config(ref, source=str(tmp_path / "ref.toml")))
+    outer = ph.faces.outer
+    assert int((ph.membrane & ~outer).sum()) == 332 and int((ph.membrane & outer).sum()) == 128
+    assert np.all(ph.kappa[ph.membrane] == 0.01) and np.all(ph.kappa[~ph.membrane] == 100.0)
