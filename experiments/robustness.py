@@ -24,8 +24,9 @@ Parts (--parts, default the first four):
           up to its triangulation, not a staircase of any grid; where the box clips the
           cylinder its ends on the outer boundary belong to the membrane, as in the paper's
           truths): `spinverse simulate` on a file-grid configuration written next to the mesh,
-          then the inversion reads that signal table as its [target] file. Needs gmsh (pip install gmsh); the mesh, the
-          configuration and the table are written under OUT/robustness/conforming/.
+          then the inversion reads that signal table as its [target] file. Needs gmsh (pip
+          install gmsh) unless the runs are saved; the mesh, the configuration and the table
+          are written under OUT/robustness/conforming/.
   joint   a probe of a method change: the default three stages, then a fourth that fits all
           three sequences jointly with manifold weight 8 (the earlier stages' ramp kept as in
           the default), on every 4th paper ground truth (noiseless) and the two smooth bent
@@ -729,6 +730,17 @@ def main(argv=None) -> int:
     if a.match is not None:
         selected = [run for run in selected if re.search(a.match, run[0])]
     selected = selected[shard::shards]
+    unmeshed = [label for label, text, desc in selected if desc["part"] == "conforming"
+                and not conforming_paths(folder / "conforming", desc["shape"])[0].exists()
+                and saved_run(folder / f"{label}.json", text, settings, quiet=True) is None]
+    if unmeshed:
+        try:
+            import gmsh  # noqa: F401
+        except ImportError:
+            say(comm, f"error: {', '.join(unmeshed)} need(s) gmsh to mesh the conforming "
+                      "targets: pip install gmsh (or leave the part out: --parts smooth noise "
+                      "shapes weights)")
+            return 2
     for label, text, desc in selected:
         say(comm, f"== {label}")
         if desc["part"] == "conforming":
