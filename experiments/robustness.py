@@ -644,7 +644,8 @@ def report(out: Path) -> None:
         text += ["Mean ± standard deviation per condition:\n",
                  markdown_table(["SNR", "misfit", "runs", "CD-L2 (um^2)", "BadEdge %"],
                                 summary), ""]
-    text += conforming_section(saved)
+        if part == "conforming":
+            text += conforming_section(saved)
     text += weights_section(saved)
     text += forgetting_section(saved)
     text += joint_section(saved)
