@@ -58,11 +58,14 @@ SHAPES = {
 
 def config_text(shape: str, n: int, settings: Settings, refine: int,
                 basis: str = "eigen", refresh_every: int = 10,
-                curriculum: str = "long_to_short") -> str:
+                curriculum: str = "long_to_short", start: float = 1.0) -> str:
     """examples/paper_torus.toml with the grid, the geometry, the mode cap, the targets,
-    the curriculum and (basis "frozen") the reduced model's basis replaced (TOML text)."""
+    the curriculum, the starting kappa (um/ms; the paper's 1.0 is the threshold) and (basis
+    "frozen") the reduced model's basis replaced (TOML text)."""
     frozen = (f'basis = "frozen"\nbasis_refresh_every = {refresh_every}\n'
               if basis == "frozen" else "")
+    if start != 1.0:
+        frozen += f"start_um_per_ms = {start!r}\n"
     return default_config_text(SHAPES[shape], settings,
                                f"experiments/refined_grids.py: {shape} on the n = {n} grid",
                                cubes=n, curriculum=curriculum, inversion_lines=frozen,
@@ -150,7 +153,7 @@ def table(runs: list[dict]) -> str:
         m = r["metrics"]
         its = r["iterations"]
         rows.append([r["shape"], r["n"], r["tets"], r["basis"], r["curriculum"],
-                     r["settings"]["max_modes"],
+                     f"{r['start']:g}", r["settings"]["max_modes"],
                      r["ranks"], fmt(m.get("cd_l2")),
                      fmt(r["scores"].get("cd_l2_target_grid")),
                      fmt(r["scores"].get("cd_l2_analytic")),
@@ -160,7 +163,8 @@ def table(runs: list[dict]) -> str:
                      " ".join(str(k) for k in r["modes"]),
                      " / ".join(fmt(v["truth"]) for k, v in r.get("floor", {}).items()
                                 if not k.startswith("refine1/")) or "-"])
-    return markdown_table(["shape", "n", "tets", "basis", "curriculum", "mode cap", "ranks",
+    return markdown_table(["shape", "n", "tets", "basis", "curriculum", "start kappa (um/ms)",
+                           "mode cap", "ranks",
                            "CD-L2 (um^2)",
                            "CD-L2 to the target grid's truth", "CD-L2 to the analytic surface",
                            "(the grid's truth to the analytic surface)", "BadEdge %", "IoU",
@@ -175,8 +179,8 @@ def _saved(path: Path, spacing_um: float) -> dict:
     from spinverse_fem.config.schema import estimated_tetrahedra
 
     r = json.loads(path.read_text())
-    shape, n, _, _, _ = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?(_cumulative|_staged)?",
-                                     path.stem).groups()
+    shape, n = re.fullmatch(r"(.+?)_n(\d+)(_frozen\d+)?(_K\d+)?(_cumulative|_staged)?"
+                            r"(_start[0-9.e+-]+)?", path.stem).groups()[:2]
     cfg = parse_config(r["config"], source=path.name)
     basis = (f"frozen, refresh every {cfg.inversion.basis_refresh_every}"
              if cfg.inversion.basis == "frozen" else "eigen")
@@ -184,6 +188,7 @@ def _saved(path: Path, spacing_um: float) -> dict:
     extra = dict(floor=json.loads(floor.read_text())) if floor.exists() else {}
     return dict(r, shape=shape, n=int(n), tets=int(estimated_tetrahedra(cfg.grid)),
                 basis=basis, curriculum=cfg.inversion.curriculum,
+                start=cfg.inversion.start_um_per_ms,
                 scores=rescore(path, spacing_um), **extra)
 
 
@@ -206,7 +211,8 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     # the main comparison: frozen basis, the default cap; colour = shape, line = curriculum
     main = [r for r in runs
-            if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120]
+            if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120
+            and r["start"] == 1.0]
     colours = {"torus": "C0", "sphere": "C1", "bent_axon": "C2"}
     styles = {"long_to_short": "-", "cumulative": "--", "staged": ":"}
     for shape in sorted({r["shape"] for r in main}):
@@ -261,6 +267,9 @@ def main(argv=None) -> int:
                         "longest sequences jointly) or the paper's staged (10/60 then 10/20 ms)")
     p.add_argument("--analytic-spacing", type=float, default=0.5,
                    help="um: marching cubes of the analytic surface that runs are scored on")
+    p.add_argument("--start", type=float, default=1.0,
+                   help="um/ms: kappa on every face at the start (the paper's 1.0, the "
+                        "threshold, puts about one eigenvalue per cell below 1 1/ms)")
     a = p.parse_args(argv)
     comm = mpi_comm()
     settings = Settings(iterations=a.iterations, max_modes=a.max_modes,
@@ -271,11 +280,12 @@ def main(argv=None) -> int:
             label = (f"{shape}_n{n}" + (f"_frozen{a.refresh_every}" if a.basis == "frozen"
                                         else "")
                      + (f"_K{a.max_modes}" if a.max_modes != 120 else "")
-                     + (f"_{a.curriculum}" if a.curriculum != "long_to_short" else ""))
+                     + (f"_{a.curriculum}" if a.curriculum != "long_to_short" else "")
+                     + (f"_start{a.start:g}" if a.start != 1.0 else ""))
             say(comm, f"== {label}")
             res = cached_run(comm, folder / f"{label}.json",
                              config_text(shape, n, settings, a.refine, a.basis,
-                                         a.refresh_every, a.curriculum),
+                                         a.refresh_every, a.curriculum, a.start),
                              settings, label, log=iteration_logger(comm, a.log_every))
             floor_path = folder / f"{shape}_n{n}.floor.json"
             if a.floor and not floor_path.exists():

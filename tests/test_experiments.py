@@ -130,11 +130,17 @@ def test_refined_grids_tiny(comm, out):
     assert refined_grids.main(args) == 0
     assert refined_grids.main([*args, "--basis", "frozen", "--refresh-every", "2",
                                "--curriculum", "cumulative"]) == 0
+    assert refined_grids.main([*args, "--basis", "frozen", "--start", "10"]) == 0
     if comm.rank == 0:
         md = (out / "refined_grids.md").read_text()
-        assert f"| sphere | 4 | 576 | eigen | long_to_short | 80 | {comm.size} |" in md, md
-        assert (f"| sphere | 4 | 576 | frozen, refresh every 2 | cumulative | 80 | {comm.size} |"
-                in md), md
+        assert f"| sphere | 4 | 576 | eigen | long_to_short | 1 | 80 | {comm.size} |" in md, md
+        assert (f"| sphere | 4 | 576 | frozen, refresh every 2 | cumulative | 1 | 80 | "
+                f"{comm.size} |" in md), md
+        assert (f"| sphere | 4 | 576 | frozen, refresh every 10 | long_to_short | 10 | 80 | "
+                f"{comm.size} |" in md), md
+        r10 = json.loads((out / "refined_grids" / "sphere_n4_frozen10_K80_start10.json")
+                         .read_text())
+        assert "start_um_per_ms = 10.0" in r10["config"]
         # the scores against the target grid's truth and the analytic surface
         sc = json.loads((out / "refined_grids" / "sphere_n4_K80.scores.json").read_text())
         assert all(np.isfinite(v) and v >= 0 for v in sc.values()), sc
