@@ -209,26 +209,26 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
     atomic_write_text(out / "refined_grids.md", text)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    # the main comparison: frozen basis, the default cap; colour = shape, line = curriculum
+    # the main comparison: frozen basis, the default cap; colour = shape, line = curriculum,
+    # marker = start (circle: the paper's kappa = 1, square: an open start)
     main = [r for r in runs
-            if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120
-            and r["start"] == 1.0]
+            if r["basis"].startswith("frozen") and r["settings"]["max_modes"] == 120]
     colours = {"torus": "C0", "sphere": "C1", "bent_axon": "C2"}
     styles = {"long_to_short": "-", "cumulative": "--", "staged": ":"}
-    for shape in sorted({r["shape"] for r in main}):
-        for cur in sorted({r["curriculum"] for r in main}):
-            rs = sorted((r for r in main if (r["shape"], r["curriculum"]) == (shape, cur)),
-                        key=lambda r: r["n"])
-            if not rs:
-                continue
-            kw = dict(color=colours.get(shape), ls=styles.get(cur, ":"), marker="o",
-                      label=f"{shape}, {cur}")
-            scored = [r for r in rs if r["scores"].get("cd_l2_analytic") is not None]
-            axes[0].plot([r["n"] for r in scored],
-                         [r["scores"]["cd_l2_analytic"] for r in scored], **kw)
-            axes[1].plot([r["n"] for r in rs], [r["metrics"]["bad_edge_pct"] for r in rs], **kw)
-            axes[2].plot([r["n"] for r in rs], [r["seconds"] / max(r["iterations"], 1)
-                                                for r in rs], **kw)
+    groups = sorted({(r["shape"], r["curriculum"], r["start"]) for r in main})
+    for shape, cur, start in groups:
+        rs = sorted((r for r in main if (r["shape"], r["curriculum"], r["start"])
+                     == (shape, cur, start)), key=lambda r: r["n"])
+        kw = dict(color=colours.get(shape), ls=styles.get(cur, ":"),
+                  marker="o" if start == 1.0 else "s",
+                  mfc=None if start == 1.0 else "white",
+                  label=f"{shape}, {cur}" + ("" if start == 1.0 else f", start {start:g}"))
+        scored = [r for r in rs if r["scores"].get("cd_l2_analytic") is not None]
+        axes[0].plot([r["n"] for r in scored],
+                     [r["scores"]["cd_l2_analytic"] for r in scored], **kw)
+        axes[1].plot([r["n"] for r in rs], [r["metrics"]["bad_edge_pct"] for r in rs], **kw)
+        axes[2].plot([r["n"] for r in rs], [r["seconds"] / max(r["iterations"], 1)
+                                            for r in rs], **kw)
     for ax, name in zip(axes, ("CD-L2 to the analytic surface (um^2)",
                                "BadEdge (%, against the grid's truth)",
                                "seconds per iteration (ranks as in the table)"),
@@ -236,11 +236,12 @@ def report(out: Path, spacing_um: float = 0.5) -> None:
         ax.set_xlabel("cubes per side n")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     axes[2].set_yscale("log")
     fig.suptitle("refined-grid inversions, frozen basis, K <= 120 (all variants: "
                  "refined_grids.md)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * ((len(labels) + 3) // 4), 1, 1))
     save_figure(fig, out / "refined_grids.png")
 
 
