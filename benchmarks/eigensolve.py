@@ -148,7 +148,7 @@ def worker(n: int, modes: int, variants: list[str]) -> dict:
                    phases={k: round(float(v), 3) for k, v in info.get("seconds", {}).items()},
                    events=ev, load_1min_before=round(load0, 2),
                    load_1min_after=round(os.getloadavg()[0], 2))
-        for key in ("solves", "restarts", "repaired", "fallback"):
+        for key in ("solves", "restarts", "locked", "repaired", "fallback"):
             if key in info:
                 run[key] = info[key]
         if "phases" in info:

@@ -209,6 +209,28 @@ def test_block_sketch_skips_full_passes_and_agrees_with_krylovschur(comm):
     assert_same_basis(ref, basis, L, M, comm)
 
 
+@pytest.mark.parametrize("lock", (1, 0))
+def test_block_restarts_with_and_without_locking_agree_with_krylovschur(comm, lock):
+    """Reference: Krylov-Schur, as above, on the torus grid at its ground truth (double and
+    triple eigenvalues; 87 pairs with the margin). A basis of at most 150 columns forces
+    several thick restarts; with locking (the default) the pairs converged at a restart are
+    frozen and leave the Rayleigh-Ritz problem, without it every kept Ritz vector is
+    recombined. Both return the same basis to the tolerances above."""
+    from petsc4py import PETSc
+
+    opts = PETSc.Options("spinverse_bks_")
+    opts["lock"] = lock
+    try:
+        ref, basis, L, M = torus_with_block_option(comm, "block", "ncv", 150)
+    finally:
+        opts.delValue("lock")
+    info = basis.info
+    print(f"restarts {info['restarts']}, locked {info['locked']}, solves {info['solves']}")
+    assert info["restarts"] >= 2
+    assert (info["locked"] > 0) if lock else (info["locked"] == 0)
+    assert_same_basis(ref, basis, L, M, comm)
+
+
 def test_method_from_petsc_option(comm):
     """-spinverse_eigen_method selects the method when the argument is not given; an unknown
     name is refused with the known ones."""

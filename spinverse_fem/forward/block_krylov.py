@@ -13,7 +13,11 @@ column lost half its norm; then a rank-revealing orthonormalisation of the block
 keeping the leading Ritz vectors U = V_m Y_k:
 T U = U Theta_k + Q (B E_m^T Y_k). The residual of the Ritz pair (theta_i, V_m y_i) is
 ||B E_m^T y_i||_2 (M-norm); a pair is converged when that is below tol * theta_i (SLEPc's
-relative test on the transformed problem, as in the single-vector solver).
+relative test on the transformed problem, as in the single-vector solver). Converged pairs are
+locked at a restart (as SLEPc does by default): they stay in the basis unchanged and leave the
+Rayleigh-Ritz problem, so the restart and the final Ritz vectors only recombine the active
+columns (measured at n = 12, 508 pairs, one rank: restart 6.9 -> 4.9 s, Ritz vectors 3.5 ->
+1.9 s, the same pairs to 4e-15).
 
 Why blocks: on the refined grids the single-vector Krylov-Schur spends its time in two
 memory-bound kernels, one triangular solve per vector (the factor of L - sigma M read once per
@@ -190,7 +194,8 @@ class ShiftInvert:
 @dataclass
 class BlockKSResult:
     """lam: (k,) ascending; vecs: (n_owned, k) M-orthonormal; restarts, solves: work done;
-    residuals: (k,) relative residuals of the transformed problem."""
+    residuals: (k,) relative residuals of the transformed problem; locked: pairs locked at
+    restarts."""
 
     lam: np.ndarray
     vecs: np.ndarray
@@ -198,6 +203,7 @@ class BlockKSResult:
     solves: int
     residuals: np.ndarray
     seconds: dict = field(default_factory=dict)
+    locked: int = 0
 
 
 class _Timer:
@@ -367,8 +373,8 @@ class _Sketch:
 def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int | None = None,
                        tol: float = 1e-10, max_restarts: int = 200, keep: float = 0.5,
                        deflation: np.ndarray | None = None, initial: np.ndarray | None = None,
-                       seed: int = 0, sketch: int = 0, sketch_tol: float = 1e-12
-                       ) -> BlockKSResult:
+                       seed: int = 0, sketch: int = 0, sketch_tol: float = 1e-12,
+                       lock: bool = True) -> BlockKSResult:
     """The nev eigenpairs of (L, M) nearest the shift (the largest |theta| of T = op; the nev
     smallest when the shift lies below the spectrum).
 
@@ -380,7 +386,11 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
     Gram-Schmidt pass when an r-column random sketch of the basis (`_Sketch`) shows its
     coefficients below sketch_tol relative (after the Lanczos recurrence they are often at
     round-off: the full pass then only re-confirms orthogonality); 0: always the full pass.
-    Returns the converged pairs, ascending in lambda."""
+    lock: at a restart, converged Ritz pairs are locked (SLEPc's default): they stay at the
+    front of the basis, unchanged, and leave the Rayleigh-Ritz problem; their couplings (below
+    tol * theta by the convergence test) are set to zero. The restart and the final Ritz
+    vectors then combine only the active columns; later blocks are still orthogonalised
+    against the locked vectors. Returns the converged pairs, ascending in lambda."""
     comm = op.comm.tompi4py()
     M = op.M
     n_glob = op.n_glob
@@ -419,6 +429,9 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
     local = 0   # first column the next block couples to in exact arithmetic
     restarts = 0
     solves0 = op.solves
+    nlock = 0                        # locked (converged, frozen) columns at the front of V
+    theta_lock = np.zeros(0)
+    rel_lock = np.zeros(0)
     while True:
         # expand: T applied to the newest block V[:, j:end]
         # (when the basis may span the whole space, expand to the end: the last block then
@@ -432,6 +445,7 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
             Q, (C, _), Bk = ortho.orthonormalise(W, [V[:, :end], D], local=(local, end),
                                                  sketch=sk)
             local = j
+            C[:nlock] = 0.0   # locked pairs: coupling below tol * theta, dropped
             H[:end, j:end] = C
             H[j:end, :end] = C.T
             b = Q.shape[1]
@@ -442,36 +456,52 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
                 with timer("orth_sketch"):
                     sk.add(Q, end)
             j, end = end, end + b
-        # Rayleigh-Ritz in V[:, :j]; V[:, j:end] is the residual block
+        # Rayleigh-Ritz in the active columns V[:, nlock:j]; V[:, j:end] is the residual block
         m = j
         with timer("rayleigh_ritz"):
-            Hm = 0.5 * (H[:m, :m] + H[:m, :m].T)
-            theta, Y = ortho._eigh_root(Hm)
-            order = np.argsort(-np.abs(theta), kind="stable")
-            theta, Y = theta[order], Y[:, order]
-            coupling = H[m:end, :m]
-            res = np.linalg.norm(coupling @ Y, axis=0) if end > m else np.zeros(m)
-            rel = res / np.maximum(np.abs(theta), np.finfo(float).tiny)
-            conv = rel < tol
+            Hm = 0.5 * (H[nlock:m, nlock:m] + H[nlock:m, nlock:m].T)
+            theta_a, Ya = ortho._eigh_root(Hm)
+            order = np.argsort(-np.abs(theta_a), kind="stable")
+            theta_a, Ya = theta_a[order], Ya[:, order]
+            coupling = H[m:end, nlock:m]
+            res = (np.linalg.norm(coupling @ Ya, axis=0) if end > m
+                   else np.zeros(theta_a.size))
+            rel_a = res / np.maximum(np.abs(theta_a), np.finfo(float).tiny)
+            # all pairs (locked first), in descending |theta|: the nconv leading ones converged
+            theta = np.concatenate([theta_lock, theta_a])
+            rel = np.concatenate([rel_lock, rel_a])
+            merged = np.argsort(-np.abs(theta), kind="stable")
+            conv = rel[merged] < tol
             nconv = int(np.argmin(conv)) if not conv.all() else m
             done = nconv >= nev
         if done or end == m or restarts >= max_restarts:
             break
+        b = end - m
         # thick restart: keep the converged Ritz vectors and a fraction `keep` of the rest
-        kept = min(m - 1, max(nconv + int(keep * (m - nconv)), nev + 1))
-        kept = max(min(kept, cap - 2 * (end - m)), 1)   # room for at least one expansion
+        nconv_all = int(np.sum(rel < tol))
+        kept = min(m - 1, max(nconv_all + int(keep * (m - nconv_all)), nev + 1))
+        kept = max(min(kept, cap - 2 * b), 1)   # room for at least one expansion
+        conv_a = np.flatnonzero(rel_a < tol) if lock else np.zeros(0, dtype=int)
+        conv_a = conv_a[:max(kept - nlock - 1, 0)]   # at least one active column stays
+        rest = np.setdiff1d(np.arange(theta_a.size), conv_a, assume_unique=True)
+        sel = np.concatenate([conv_a, rest[:max(kept - nlock - conv_a.size, 0)]])
         with timer("restart"):
-            V[:, :kept] = V[:, :m] @ Y[:, :kept]
+            V[:, nlock:nlock + sel.size] = V[:, nlock:m] @ Ya[:, sel]
             R = V[:, m:end].copy()
-            b = R.shape[1]
-            S = coupling @ Y[:, :kept]
+            S = coupling @ Ya[:, sel]
+            S[:, :conv_a.size] = 0.0
+            theta_lock = np.concatenate([theta_lock, theta_a[conv_a]])
+            rel_lock = np.concatenate([rel_lock, rel_a[conv_a]])
+            kept = nlock + sel.size
             H[:] = 0.0
-            H[:kept, :kept] = np.diag(theta[:kept])
+            H[:kept, :kept] = np.diag(np.concatenate([theta_lock, theta_a[rest[:sel.size
+                                                                               - conv_a.size]]]))
+            nlock += conv_a.size
             V[:, kept:kept + b] = R
-            H[kept:kept + b, :kept] = S
-            H[:kept, kept:kept + b] = S.T
+            H[kept:kept + b, nlock:kept] = S[:, conv_a.size:]
+            H[nlock:kept, kept:kept + b] = S[:, conv_a.size:].T
         j, end = kept, kept + b
-        local = 0
+        local = nlock
         restarts += 1
         if sk is not None:
             with timer("orth_sketch"):
@@ -480,13 +510,20 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
         raise SolverError(f"block Krylov-Schur converged {nconv} of {nev} eigenpairs after "
                           f"{restarts} restarts (tol {tol:g})")
     nconv = min(nconv, nev)   # Ritz vectors only for the pairs asked for
-    lam = op.sigma + 1.0 / theta[:nconv]
-    order = np.argsort(lam, kind="stable")
+    pick = merged[:nconv]
+    theta, rel = theta[pick], rel[pick]
     with timer("ritz_vectors"):
-        vecs = V[:, :m] @ Y[:, :nconv][:, order]
-    lam, rel = lam[order], rel[:nconv][order]
+        locked = pick[pick < nlock]
+        active = pick[pick >= nlock] - nlock
+        vecs = np.empty((n_loc, nconv), order="F")
+        is_locked = pick < nlock
+        vecs[:, is_locked] = V[:, locked]
+        vecs[:, ~is_locked] = V[:, nlock:m] @ Ya[:, active]
+    lam = op.sigma + 1.0 / theta
+    order = np.argsort(lam, kind="stable")
+    lam, rel, vecs = lam[order], rel[order], vecs[:, order]
     seconds = dict(timer.seconds)
     seconds["orth_passes"] = ortho.passes
     seconds["orth_skipped"] = ortho.skipped
     return BlockKSResult(lam=lam, vecs=vecs, restarts=restarts, solves=op.solves - solves0,
-                         residuals=rel, seconds=seconds)
+                         residuals=rel, seconds=seconds, locked=nlock)

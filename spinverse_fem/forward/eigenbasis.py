@@ -192,16 +192,16 @@ def eigen_method(method: str | None = None) -> str:
     return method
 
 
-def _block_options(keys=("block", "ncv", "sketch")) -> dict:
-    """-spinverse_bks_block p, -spinverse_bks_ncv n and -spinverse_bks_sketch r for the block
-    method, -spinverse_bks_slices s for block slicing."""
+def _block_options(keys=("block", "ncv", "sketch", "lock")) -> dict:
+    """-spinverse_bks_block p, -spinverse_bks_ncv n, -spinverse_bks_sketch r and
+    -spinverse_bks_lock 0|1 for the block method, -spinverse_bks_slices s for block slicing."""
     from spinverse_fem.forward.block_krylov import SI_PREFIX
 
     opts = PETSc.Options(SI_PREFIX)
     out = {}
     for key in keys:
         if opts.hasName(key):
-            out[key] = opts.getInt(key)
+            out[key] = opts.getBool(key) if key == "lock" else opts.getInt(key)
     if "sketch" in keys and opts.hasName("sketch_tol"):
         out["sketch_tol"] = opts.getReal("sketch_tol")
     return out
@@ -273,7 +273,8 @@ def solve_eigenbasis(L: PETSc.Mat, M: PETSc.Mat, *, lam_max: float | None = None
         seconds["factorisation"] = time.perf_counter() - t0
         res = block_krylov_schur(op, nev, tol=tol, initial=initial_space, **bopts)
         lam, vecs = res.lam, res.vecs
-        info.update(solves=res.solves, restarts=res.restarts, phases=res.seconds)
+        info.update(solves=res.solves, restarts=res.restarts, locked=res.locked,
+                    phases=res.seconds)
     elif method == "block_slicing":
         from spinverse_fem.forward.block_krylov import ShiftInvert, block_krylov_schur
         from spinverse_fem.forward.block_slicing import solve_slices
