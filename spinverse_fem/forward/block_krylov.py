@@ -71,6 +71,30 @@ def apply_block(A: PETSc.Mat, X: np.ndarray) -> np.ndarray:
     return out
 
 
+class BlockProduct:
+    """X -> A X for this rank's rows X (n_owned, k). When no rank's rows of A reach another
+    rank's columns (the DG mass matrix is cell-local), the product is one SciPy CSR product of
+    this rank's block, without PETSc's dense-matrix wrappers or communication; otherwise
+    `apply_block`. Measured at n = 12 (one rank): the mass products of the block method took
+    1.6 s through `apply_block`."""
+
+    def __init__(self, A: PETSc.Mat):
+        import scipy.sparse as sp
+
+        self.A = A
+        r0, r1 = A.getOwnershipRange()
+        ai, aj, av = A.getValuesCSR()
+        local = bool(aj.size == 0 or (aj.min() >= r0 and aj.max() < r1))
+        self.csr = None
+        if A.getComm().tompi4py().allreduce(local, op=MPI.LAND):
+            self.csr = sp.csr_matrix((av, aj - r0, ai), shape=(r1 - r0, r1 - r0))
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        if self.csr is None:
+            return apply_block(self.A, X)
+        return np.asfortranarray(self.csr @ X)
+
+
 class ShiftInvert:
     """T = (L - sigma M)^{-1} M on blocks, with one MUMPS factorisation of L - sigma M.
 
@@ -92,6 +116,7 @@ class ShiftInvert:
         from spinverse_fem.forward.eigenbasis import mumps_cholesky
 
         self.L, self.M, self.sigma = L, M, float(sigma)
+        self.mprod = BlockProduct(M)
         self.comm = L.getComm()
         self.n_glob = L.getSize()[0]
         size = self.comm.getSize()
@@ -184,7 +209,7 @@ class ShiftInvert:
         return out
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        return self.solve(apply_block(self.M, X))
+        return self.solve(self.mprod(X))
 
     def destroy(self) -> None:
         self._ksp.destroy()
@@ -230,8 +255,10 @@ class _Orthogonaliser:
     replaced by random ones (zero coefficients), so a block keeps its width and the Krylov
     relation stays exact."""
 
-    def __init__(self, M: PETSc.Mat, comm: MPI.Comm, seed: int = 0, timer=None):
+    def __init__(self, M: PETSc.Mat, comm: MPI.Comm, seed: int = 0, timer=None,
+                 mprod: BlockProduct | None = None):
         self.M, self.comm = M, comm
+        self.mprod = mprod or BlockProduct(M)
         self.rng = np.random.default_rng(seed + 7919 * comm.rank)
         self.timer = timer or _Timer()
         self.passes = 0
@@ -254,7 +281,7 @@ class _Orthogonaliser:
         live = [(i, V) for i, V in enumerate(bases) if V.shape[1]]
         if MW is None:
             with self.timer("orth_matmult"):
-                MW = apply_block(self.M, W)
+                MW = self.mprod(W)
         nrm = self._mnorm2(W, MW)
         if live and sketch is not None and len(live) == 1 and live[0][0] == 0:
             with self.timer("orth_sketch"):
@@ -272,7 +299,7 @@ class _Orthogonaliser:
                     coeffs[i] += C
             self.passes += 1
             with self.timer("orth_matmult"):
-                MW = apply_block(self.M, W)
+                MW = self.mprod(W)
             before, nrm = nrm, self._mnorm2(W, MW)
             if refine and np.all(nrm > 0.5 * before):   # |w_new| > |w_old| / sqrt(2)
                 break
@@ -291,7 +318,7 @@ class _Orthogonaliser:
         width = k if width is None else max(int(width), k)
         W = np.array(W, dtype=float, order="F", copy=True)
         with self.timer("orth_matmult"):
-            MW = apply_block(self.M, W)
+            MW = self.mprod(W)
         norm0 = self._mnorm2(W, MW)
         Cl = None
         if local is not None and local[1] > local[0]:
@@ -405,7 +432,7 @@ def block_krylov_schur(op: ShiftInvert, nev: int, *, block: int = 16, ncv: int |
         ncv = max(2 * nev, nev + 4 * p)
     ncv = int(min(max(ncv, nev + p), room))
     cap = min(ncv + p, room)
-    ortho = _Orthogonaliser(M, comm, seed, timer)
+    ortho = _Orthogonaliser(M, comm, seed, timer, mprod=op.mprod)
     n_loc = M.getLocalSize()[0]
     V = np.zeros((n_loc, cap), order="F")
     H = np.zeros((cap, cap))
